@@ -1,0 +1,126 @@
+"""Rotary position embedding and joint attention of the Flux transformer."""
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from .layers import RMSNorm
+
+RotaryEmbedding = Tuple[Tensor, Tensor]
+
+
+def fused_attention_available() -> bool:
+    """MindSpore's FlashAttentionScore kernel exists on Ascend only; CPU and GPU take the math path."""
+    return ms.get_context("device_target") == "Ascend"
+
+
+class FluxPosEmbed(nn.Cell):
+    """Multi-axis rotary embedding: returns (cos, sin), each (tokens, head_dim), fp32.
+
+    Each axis of the position ids owns a slice of the head dimension. All axes are handled by one
+    product `ids @ frequency_matrix`, where row `a` of the matrix holds axis `a`'s frequencies (each
+    repeated twice, matching the interleaved real/imaginary pairs) in that axis's columns and zeros
+    elsewhere; the zeros add nothing, so the angles equal the per-axis outer products exactly.
+    """
+
+    def __init__(self, theta: int, axes_dim: Sequence[int]):
+        super().__init__()
+        head_dim = int(sum(axes_dim))
+        matrix = np.zeros((len(axes_dim), head_dim), np.float64)
+        start = 0
+        for axis, dim in enumerate(axes_dim):
+            if dim % 2:
+                raise ValueError(f"axes_dims_rope entries must be even, got {list(axes_dim)}")
+            frequencies = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+            matrix[axis, start : start + dim] = np.repeat(frequencies, 2)
+            start += dim
+        self.frequency_matrix = Tensor(matrix.astype(np.float32))
+
+    def construct(self, ids: Tensor) -> RotaryEmbedding:
+        angles = ops.matmul(ids.astype(ms.float32), self.frequency_matrix)
+        return ops.cos(angles), ops.sin(angles)
+
+
+def apply_rotary_emb(x: Tensor, rotary_emb: RotaryEmbedding) -> Tensor:
+    """Rotate interleaved (real, imaginary) pairs of `x` (batch, heads, tokens, head_dim), in fp32."""
+    cos, sin = rotary_emb
+    pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+    rotated = ops.cat([-pairs[..., 1:2], pairs[..., 0:1]], -1).reshape(x.shape)
+    return (x.astype(ms.float32) * cos + rotated.astype(ms.float32) * sin).astype(x.dtype)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, use_fused: bool) -> Tensor:
+    """Softmax attention over (batch, heads, tokens, head_dim) tensors, without a mask.
+
+    `use_fused` selects MindSpore's FlashAttentionScore (Ascend); the math path works on every
+    backend and takes the softmax in fp32.
+    """
+    scale = query.shape[-1] ** -0.5
+    if use_fused:
+        return ops.flash_attention_score(
+            query, key, value, query.shape[1], scalar_value=scale, input_layout="BNSD"
+        )
+    scores = ops.matmul(query * scale, key.swapaxes(-1, -2))
+    probabilities = ops.softmax(scores.astype(ms.float32), -1).astype(value.dtype)
+    return ops.matmul(probabilities, value)
+
+
+class FluxAttention(nn.Cell):
+    """Multi-head attention with RMS-normalised queries and keys (diffusers `FluxAttention`).
+
+    With `added_kv_proj_dim` (double-stream blocks) the text stream has its own projections and the
+    two streams attend jointly, text tokens first. With `pre_only` (single-stream blocks) there is no
+    output projection: the block fuses it with the MLP output.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, added_kv_proj_dim: Optional[int] = None,
+                 pre_only: bool = False, eps: float = 1e-6):
+        super().__init__()
+        inner_dim = heads * head_dim
+        self.heads = heads
+        self.use_fused_attention = fused_attention_available()
+        self.norm_q = RMSNorm(head_dim, eps)
+        self.norm_k = RMSNorm(head_dim, eps)
+        self.to_q = nn.Dense(dim, inner_dim)
+        self.to_k = nn.Dense(dim, inner_dim)
+        self.to_v = nn.Dense(dim, inner_dim)
+        if not pre_only:
+            # Slot 1 is diffusers' Dropout, kept so that the checkpoint's `to_out.0` names match.
+            self.to_out = nn.CellList([nn.Dense(inner_dim, dim), nn.Identity()])
+        self.joint = added_kv_proj_dim is not None
+        if self.joint:
+            self.norm_added_q = RMSNorm(head_dim, eps)
+            self.norm_added_k = RMSNorm(head_dim, eps)
+            self.add_q_proj = nn.Dense(added_kv_proj_dim, inner_dim)
+            self.add_k_proj = nn.Dense(added_kv_proj_dim, inner_dim)
+            self.add_v_proj = nn.Dense(added_kv_proj_dim, inner_dim)
+            self.to_add_out = nn.Dense(inner_dim, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        batch, tokens, _ = x.shape
+        return x.reshape(batch, tokens, self.heads, -1).swapaxes(1, 2)
+
+    def construct(self, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+                  image_rotary_emb: Optional[RotaryEmbedding] = None):
+        query = self.norm_q(self._heads(self.to_q(hidden_states)))
+        key = self.norm_k(self._heads(self.to_k(hidden_states)))
+        value = self._heads(self.to_v(hidden_states))
+        if self.joint:
+            query = ops.cat([self.norm_added_q(self._heads(self.add_q_proj(encoder_hidden_states))), query], 2)
+            key = ops.cat([self.norm_added_k(self._heads(self.add_k_proj(encoder_hidden_states))), key], 2)
+            value = ops.cat([self._heads(self.add_v_proj(encoder_hidden_states)), value], 2)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        out = scaled_dot_product_attention(query, key, value, self.use_fused_attention)
+        batch, _, tokens, _ = out.shape
+        out = out.swapaxes(1, 2).reshape(batch, tokens, -1)
+        if not self.joint:
+            return out
+        text_tokens = encoder_hidden_states.shape[1]
+        text_out = self.to_add_out(out[:, :text_tokens])
+        image_out = self.to_out[0](out[:, text_tokens:])
+        return image_out, text_out

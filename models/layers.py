@@ -1,0 +1,174 @@
+"""Portable building blocks of the Flux transformer.
+
+Every op here has a kernel on MindSpore's CPU, GPU and Ascend backends (the `mint` LayerNorm, RMSNorm,
+GELU and arange kernels do not exist on CPU). Parameter names follow the diffusers modules they stand
+in for, so a diffusers checkpoint loads with no renaming.
+"""
+
+import math
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+
+class LayerNormNoAffine(nn.Cell):
+    """LayerNorm without weight or bias (diffusers `elementwise_affine=False`), reduced in fp32.
+
+    The fixed unit scale and zero shift are constants, not Parameters, so the module has no weights,
+    exactly like the diffusers module it replaces.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.unit_scale = Tensor(np.ones(dim, np.float32))
+        self.zero_shift = Tensor(np.zeros(dim, np.float32))
+
+    def construct(self, x: Tensor) -> Tensor:
+        normed, _, _ = self.layer_norm(x.astype(ms.float32), self.unit_scale, self.zero_shift)
+        return normed.astype(x.dtype)
+
+
+class RMSNorm(nn.Cell):
+    """RMS norm over the last axis with a learned scale named `weight` (torch.nn.RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(Tensor(np.ones(dim, np.float32)), name="weight")
+
+    def construct(self, x: Tensor) -> Tensor:
+        x32 = x.astype(ms.float32)
+        normed = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, keep_dims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight.astype(x.dtype)
+
+
+class GELUProjection(nn.Cell):
+    """diffusers `GELU(approximate="tanh")` module: a projection followed by tanh GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Dense(dim_in, dim_out)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Cell):
+    """diffusers `FeedForward(activation_fn="gelu-approximate")`: weights `net.0.proj` and `net.2`."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Slot 1 is diffusers' Dropout (no weights, identity at inference); it keeps the output
+        # projection at index 2, where the checkpoint has it.
+        self.net = nn.CellList([GELUProjection(dim, dim * mult), nn.Identity(), nn.Dense(dim * mult, dim)])
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.net[2](self.net[0](x))
+
+
+def sinusoidal_frequencies(num_channels: int, max_period: float = 10000.0) -> Tensor:
+    """Frequencies of diffusers' `get_timestep_embedding` with `downscale_freq_shift=0`, in fp32."""
+    half = num_channels // 2
+    exponent = (-math.log(max_period) * np.arange(half, dtype=np.float32)) / np.float32(half)
+    return Tensor(np.exp(exponent).astype(np.float32)[None, :])
+
+
+class Timesteps(nn.Cell):
+    """Sinusoidal embedding of (fractional) timesteps, cos half first (`flip_sin_to_cos=True`)."""
+
+    def __init__(self, num_channels: int = 256):
+        super().__init__()
+        self.frequencies = sinusoidal_frequencies(num_channels)
+
+    def construct(self, timesteps: Tensor) -> Tensor:
+        angles = timesteps.astype(ms.float32)[:, None] * self.frequencies
+        return ops.cat([ops.cos(angles), ops.sin(angles)], -1)
+
+
+class TimestepEmbedding(nn.Cell):
+    def __init__(self, in_channels: int, time_embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Dense(in_channels, time_embed_dim)
+        self.linear_2 = nn.Dense(time_embed_dim, time_embed_dim)
+
+    def construct(self, sample: Tensor) -> Tensor:
+        return self.linear_2(ops.silu(self.linear_1(sample)))
+
+
+class CombinedTimestepTextProjEmbeddings(nn.Cell):
+    """Timestep (+ guidance for FLUX.1-dev) embedding plus the pooled CLIP text projection.
+
+    One class for both variants: `guidance_embeds` decides whether a `guidance_embedder` exists,
+    which is the only difference between diffusers' two classes.
+    """
+
+    def __init__(self, embedding_dim: int, pooled_projection_dim: int, guidance_embeds: bool):
+        super().__init__()
+        self.time_proj = Timesteps(num_channels=256)
+        self.timestep_embedder = TimestepEmbedding(256, embedding_dim)
+        self.guidance_embedder = TimestepEmbedding(256, embedding_dim) if guidance_embeds else None
+        self.text_embedder = TextProjection(pooled_projection_dim, embedding_dim)
+
+    def construct(self, timestep: Tensor, guidance: Tensor, pooled_projection: Tensor) -> Tensor:
+        dtype = pooled_projection.dtype
+        conditioning = self.timestep_embedder(self.time_proj(timestep).astype(dtype))
+        if self.guidance_embedder is not None:
+            conditioning = conditioning + self.guidance_embedder(self.time_proj(guidance).astype(dtype))
+        return conditioning + self.text_embedder(pooled_projection)
+
+
+class TextProjection(nn.Cell):
+    """diffusers `PixArtAlphaTextProjection(act_fn="silu")`."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Dense(in_features, hidden_size)
+        self.linear_2 = nn.Dense(hidden_size, hidden_size)
+
+    def construct(self, caption: Tensor) -> Tensor:
+        return self.linear_2(ops.silu(self.linear_1(caption)))
+
+
+class AdaLayerNormZero(nn.Cell):
+    """adaLN-Zero of the double-stream block: returns the modulated input and five modulation vectors."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Dense(dim, 6 * dim)
+        self.norm = LayerNormNoAffine(dim)
+
+    def construct(self, x: Tensor, emb: Tensor):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(
+            self.linear(ops.silu(emb)), x.shape[-1], axis=1
+        )
+        x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormZeroSingle(nn.Cell):
+    """adaLN-Zero of the single-stream block: modulated input and the attention/MLP gate."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Dense(dim, 3 * dim)
+        self.norm = LayerNormNoAffine(dim)
+
+    def construct(self, x: Tensor, emb: Tensor):
+        shift_msa, scale_msa, gate_msa = ops.split(self.linear(ops.silu(emb)), x.shape[-1], axis=1)
+        return self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None], gate_msa
+
+
+class AdaLayerNormContinuous(nn.Cell):
+    """Final adaptive norm. Note the order: diffusers splits the projection into (scale, shift)."""
+
+    def __init__(self, dim: int, conditioning_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.linear = nn.Dense(conditioning_dim, 2 * dim)
+        self.norm = LayerNormNoAffine(dim, eps)
+
+    def construct(self, x: Tensor, conditioning: Tensor) -> Tensor:
+        scale, shift = ops.split(self.linear(ops.silu(conditioning).astype(x.dtype)), x.shape[-1], axis=1)
+        return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]

@@ -1,0 +1,200 @@
+"""Portable MindSpore Flux.1 transformer with diffusers' parameter names, config keys and call contract.
+
+mindone's `FluxTransformer2DModel` relies on kernels that MindSpore's CPU backend lacks; this one is
+built only from ops that every backend has (see models/layers.py), so the same checkpoint and the same
+cached forward run on CPU, GPU and Ascend.
+"""
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindone.diffusers import ConfigMixin, ModelMixin
+from mindone.diffusers.configuration_utils import register_to_config
+
+from .attention import FluxAttention, FluxPosEmbed, RotaryEmbedding
+from .layers import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+    CombinedTimestepTextProjEmbeddings,
+    FeedForward,
+    LayerNormNoAffine,
+)
+from .loading import load_pretrained
+
+FP16_MAX = 65504.0
+REQUIRED_CONFIG_KEYS = ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads")
+
+
+def clip_fp16(x: Tensor) -> Tensor:
+    """Keep fp16 activations finite, as diffusers does at the end of every block."""
+    if x.dtype == ms.float16:
+        return ops.clamp(x, -FP16_MAX, FP16_MAX)
+    return x
+
+
+def check_no_attention_kwargs(joint_attention_kwargs: Optional[Dict[str, Any]]) -> None:
+    """The argument exists for call compatibility; attention processors and LoRA scales are not supported."""
+    if joint_attention_kwargs:
+        raise ValueError(
+            f"joint_attention_kwargs are not supported by the portable Flux transformer, got "
+            f"{list(joint_attention_kwargs)}; pass None"
+        )
+
+
+class FluxTransformerBlock(nn.Cell):
+    """Double-stream block: image and text keep separate weights and attend jointly."""
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int):
+        super().__init__()
+        self.norm1 = AdaLayerNormZero(dim)
+        self.norm1_context = AdaLayerNormZero(dim)
+        self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, added_kv_proj_dim=dim)
+        self.norm2 = LayerNormNoAffine(dim)
+        self.ff = FeedForward(dim)
+        self.norm2_context = LayerNormNoAffine(dim)
+        self.ff_context = FeedForward(dim)
+
+    def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+                  image_rotary_emb: Optional[RotaryEmbedding] = None,
+                  joint_attention_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[Tensor, Tensor]:
+        check_no_attention_kwargs(joint_attention_kwargs)
+        norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
+        norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
+            encoder_hidden_states, temb
+        )
+        attn_output, context_attn_output = self.attn(norm_hidden, norm_context, image_rotary_emb)
+
+        hidden_states = hidden_states + gate_msa[:, None] * attn_output
+        norm_hidden = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        hidden_states = hidden_states + gate_mlp[:, None] * self.ff(norm_hidden)
+
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * context_attn_output
+        norm_context = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * self.ff_context(norm_context)
+        return clip_fp16(encoder_hidden_states), hidden_states
+
+
+class FluxSingleTransformerBlock(nn.Cell):
+    """Single-stream block: text and image tokens share weights; attention and MLP run in parallel."""
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        mlp_hidden_dim = int(dim * mlp_ratio)
+        self.norm = AdaLayerNormZeroSingle(dim)
+        self.proj_mlp = nn.Dense(dim, mlp_hidden_dim)
+        self.proj_out = nn.Dense(dim + mlp_hidden_dim, dim)
+        self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, pre_only=True)
+
+    def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+                  image_rotary_emb: Optional[RotaryEmbedding] = None,
+                  joint_attention_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[Tensor, Tensor]:
+        check_no_attention_kwargs(joint_attention_kwargs)
+        text_tokens = encoder_hidden_states.shape[1]
+        residual = ops.cat([encoder_hidden_states, hidden_states], 1)
+        norm_hidden, gate = self.norm(residual, temb)
+        mlp_hidden = ops.gelu(self.proj_mlp(norm_hidden), approximate="tanh")
+        attn_output = self.attn(norm_hidden, image_rotary_emb=image_rotary_emb)
+        joint = residual + gate[:, None] * self.proj_out(ops.cat([attn_output, mlp_hidden], 2))
+        joint = clip_fp16(joint)
+        return joint[:, :text_tokens], joint[:, text_tokens:]
+
+
+class FluxTransformer2DModel(ModelMixin, ConfigMixin):
+    """Flux.1 transformer (FLUX.1-dev with `guidance_embeds=True`, FLUX.1-schnell without).
+
+    `from_pretrained(folder, subfolder="transformer", mindspore_dtype=...)` loads a diffusers
+    checkpoint strictly: any missing, unexpected or mis-shaped weight is an error, never a silently
+    random-initialised model.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: int = 1,
+        in_channels: int = 64,
+        out_channels: Optional[int] = None,
+        num_layers: int = 19,
+        num_single_layers: int = 38,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 24,
+        joint_attention_dim: int = 4096,
+        pooled_projection_dim: int = 768,
+        guidance_embeds: bool = False,
+        axes_dims_rope: Sequence[int] = (16, 56, 56),
+    ):
+        super().__init__()
+        if sum(axes_dims_rope) != attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {list(axes_dims_rope)} must add up to attention_head_dim {attention_head_dim}"
+            )
+        self.out_channels = out_channels or in_channels
+        self.inner_dim = num_attention_heads * attention_head_dim
+        self.guidance_embeds = guidance_embeds
+
+        self.pos_embed = FluxPosEmbed(theta=10000, axes_dim=axes_dims_rope)
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(
+            self.inner_dim, pooled_projection_dim, guidance_embeds
+        )
+        self.context_embedder = nn.Dense(joint_attention_dim, self.inner_dim)
+        self.x_embedder = nn.Dense(in_channels, self.inner_dim)
+        self.transformer_blocks = nn.CellList(
+            [FluxTransformerBlock(self.inner_dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)]
+        )
+        self.single_transformer_blocks = nn.CellList(
+            [
+                FluxSingleTransformerBlock(self.inner_dim, num_attention_heads, attention_head_dim)
+                for _ in range(num_single_layers)
+            ]
+        )
+        self.norm_out = AdaLayerNormContinuous(self.inner_dim, self.inner_dim)
+        self.proj_out = nn.Dense(self.inner_dim, patch_size * patch_size * self.out_channels)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
+                        mindspore_dtype: Optional[ms.Type] = None) -> "FluxTransformer2DModel":
+        return load_pretrained(cls, pretrained_model_name_or_path, subfolder, mindspore_dtype, REQUIRED_CONFIG_KEYS)
+
+    def construct(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        timestep: Tensor,
+        img_ids: Tensor,
+        txt_ids: Tensor,
+        guidance: Optional[Tensor] = None,
+        joint_attention_kwargs: Optional[Dict[str, Any]] = None,
+        return_dict: bool = False,
+    ) -> Tuple[Tensor]:
+        """Predict the flow for packed latents (batch, image_tokens, in_channels); returns `(sample,)`."""
+        if return_dict:
+            raise ValueError("return_dict=True is not supported (graph mode returns tuples); read `(sample,)`")
+        check_no_attention_kwargs(joint_attention_kwargs)
+        if self.guidance_embeds and guidance is None:
+            raise ValueError("this transformer has guidance_embeds=True (FLUX.1-dev): pass a `guidance` tensor")
+        if not self.guidance_embeds and guidance is not None:
+            raise ValueError("this transformer has no guidance embedding (FLUX.1-schnell): pass guidance=None")
+
+        dtype = self.x_embedder.weight.dtype
+        hidden_states = self.x_embedder(hidden_states.astype(dtype))
+        timestep = timestep.astype(dtype) * 1000
+        if guidance is not None:
+            guidance = guidance.astype(dtype) * 1000
+        temb = self.time_text_embed(timestep, guidance, pooled_projections.astype(dtype))
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states.astype(dtype))
+        if txt_ids.ndim == 3:
+            txt_ids = txt_ids[0]
+        if img_ids.ndim == 3:
+            img_ids = img_ids[0]
+        image_rotary_emb = self.pos_embed(ops.cat([txt_ids.astype(ms.float32), img_ids.astype(ms.float32)], 0))
+
+        for block in self.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+        for block in self.single_transformer_blocks:
+            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+
+        return (self.proj_out(self.norm_out(hidden_states, temb)),)
