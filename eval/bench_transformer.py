@@ -1,0 +1,162 @@
+"""Time one Flux transformer forward pass in MindSpore GRAPH and PYNATIVE mode (and diffusers/torch eager).
+
+With no arguments it runs on the embedded demo checkpoint (a small random-weight model it creates on
+first use). `--config mid` uses a larger random-weight configuration (4 double + 8 single blocks,
+hidden 512) and `--ckpt` any diffusers-format FLUX folder. Prints a Markdown table; `--json` saves it.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import mindspore as ms  # noqa: E402
+
+from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
+from models.loading import CheckpointError, model_folder, read_config  # noqa: E402
+from models.transformer_flux import REQUIRED_CONFIG_KEYS, FluxTransformer2DModel  # noqa: E402
+
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+DEFAULT_IMAGE_SIZE = {"demo": (256, 256), "mid": (512, 512)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="diffusers-format FLUX folder (with transformer/); default: embedded")
+    parser.add_argument("--config", choices=sorted(TRANSFORMER_CONFIGS), default="demo",
+                        help="random-weight configuration used when --ckpt is not given")
+    parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"),
+                        help="image size in pixels, multiples of 16 (default 256 256 demo, 512 512 mid)")
+    parser.add_argument("--text_tokens", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["graph", "pynative"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed forward passes after the first call")
+    parser.add_argument("--torch", action="store_true", help="also time diffusers' torch model (eager, CPU)")
+    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    args = parser.parse_args(argv)
+    size = args.image_size or DEFAULT_IMAGE_SIZE.get(args.config, (256, 256))
+    if any(side <= 0 or side % 16 for side in size):
+        parser.error(f"--image_size must be positive multiples of 16 (8x VAE downsampling, 2x2 packing), got {size}")
+    if args.repeats < 1 or args.text_tokens < 1 or args.batch_size < 1:
+        parser.error("--repeats, --text_tokens and --batch_size must be at least 1")
+    if args.dtype == "bfloat16" and args.device_target == "CPU":
+        parser.error("bfloat16 matmul is not supported by MindSpore's CPU backend; use float32 or float16")
+    args.image_size = size
+    return args
+
+
+def make_inputs(config: dict, args: argparse.Namespace) -> dict:
+    """Random packed latents and text features with Flux's position ids for the requested image size."""
+    rng = np.random.default_rng(0)
+    rows, cols = args.image_size[0] // 16, args.image_size[1] // 16
+    img_ids = np.zeros((rows, cols, 3), np.float32)
+    img_ids[..., 1] = np.arange(rows)[:, None]
+    img_ids[..., 2] = np.arange(cols)[None, :]
+    batch = args.batch_size
+    inputs = dict(
+        hidden_states=rng.standard_normal((batch, rows * cols, config["in_channels"])),
+        encoder_hidden_states=rng.standard_normal((batch, args.text_tokens, config["joint_attention_dim"])),
+        pooled_projections=rng.standard_normal((batch, config["pooled_projection_dim"])),
+        timestep=np.full(batch, 0.5),
+        img_ids=img_ids.reshape(-1, 3),
+        txt_ids=np.zeros((args.text_tokens, 3)),
+        guidance=np.full(batch, 3.5) if config.get("guidance_embeds") else None,
+    )
+    return {name: None if value is None else value.astype(np.float32) for name, value in inputs.items()}
+
+
+def time_calls(call, repeats: int, label: str) -> dict:
+    started = time.perf_counter()
+    call()
+    first = time.perf_counter() - started
+    print(f"  {label}: first call (compile + run) {first:.2f} s", flush=True)
+    times = []
+    for index in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+        print(f"  {label}: forward {index + 1}/{repeats} {times[-1]:.3f} s", flush=True)
+    return {"first_call_s": first, "median_forward_s": statistics.median(times)}
+
+
+def time_mindspore(folder: Path, inputs: dict, args: argparse.Namespace, mode: str) -> dict:
+    ms.set_context(mode=MODES[mode])
+    model = FluxTransformer2DModel.from_pretrained(str(folder), subfolder="transformer",
+                                                   mindspore_dtype=DTYPES[args.dtype])
+    tensors = {name: None if value is None else ms.Tensor(value) for name, value in inputs.items()}
+    result = time_calls(lambda: model(**tensors)[0].asnumpy(), args.repeats, f"mindspore {mode}")
+    result["compiles"] = len(model.compile_cache) if mode == "graph" else 0
+    return result
+
+
+def time_torch(folder: Path, inputs: dict, args: argparse.Namespace) -> dict:
+    try:
+        import torch
+        from diffusers import FluxTransformer2DModel as TorchFluxTransformer
+    except ImportError as error:
+        raise SystemExit(f"--torch needs torch and diffusers (pip install -r requirements-test.txt): {error}")
+    dtype = getattr(torch, args.dtype)
+    model = TorchFluxTransformer.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype).eval()
+    tensors = {name: None if value is None else torch.from_numpy(value) for name, value in inputs.items()}
+    for name in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
+        tensors[name] = tensors[name].to(dtype)
+
+    def call():
+        with torch.no_grad():
+            model(**tensors, return_dict=False)
+
+    result = time_calls(call, args.repeats, "torch eager")
+    result["compiles"] = 0
+    return result
+
+
+def print_table(rows: dict, header: str) -> None:
+    print(f"\n{header}\n")
+    print("| backend | first call (s) | median forward (s) | graph compiles | speedup vs mindspore pynative |")
+    print("|---|---|---|---|---|")
+    baseline = rows.get("mindspore pynative", {}).get("median_forward_s")
+    for name, row in rows.items():
+        speedup = f"{baseline / row['median_forward_s']:.2f}x" if baseline else "-"
+        print(f"| {name} | {row['first_call_s']:.2f} | {row['median_forward_s']:.3f} | {row['compiles']} | {speedup} |")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    ms.set_context(device_target=args.device_target)
+    if args.ckpt:
+        folder = Path(args.ckpt)
+    else:
+        folder = ensure_demo_checkpoint(REPO_ROOT / "checkpoints" / f"flux-{args.config}", args.config)
+    config = read_config(model_folder(str(folder), "transformer"), "FluxTransformer2DModel", REQUIRED_CONFIG_KEYS)
+    inputs = make_inputs(config, args)
+    tokens = inputs["hidden_states"].shape[1]
+    header = (f"{folder}: {config['num_layers']} double + {config['num_single_layers']} single blocks, hidden "
+              f"{config['num_attention_heads'] * config['attention_head_dim']}, batch {args.batch_size}, "
+              f"{tokens} image + {args.text_tokens} text tokens, {args.dtype}, {args.device_target}")
+    print(header, flush=True)
+    rows = {}
+    for mode in args.modes:
+        rows[f"mindspore {mode}"] = time_mindspore(folder, inputs, args, mode)
+    if args.torch:
+        rows["diffusers torch eager"] = time_torch(folder, inputs, args)
+    print_table(rows, header)
+    if args.json:
+        args.json.write_text(json.dumps({"setup": header, "results": rows}, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, CheckpointError) as error:
+        sys.exit(f"error: {error}")
