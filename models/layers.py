@@ -88,14 +88,17 @@ class Timesteps(nn.Cell):
         return ops.cat([ops.cos(angles), ops.sin(angles)], -1)
 
 
-class TimestepEmbedding(nn.Cell):
-    def __init__(self, in_channels: int, time_embed_dim: int):
-        super().__init__()
-        self.linear_1 = nn.Dense(in_channels, time_embed_dim)
-        self.linear_2 = nn.Dense(time_embed_dim, time_embed_dim)
+class SiLUProjection(nn.Cell):
+    """`linear_2(silu(linear_1(x)))`: diffusers' `TimestepEmbedding` and its `PixArtAlphaTextProjection`
+    with `act_fn="silu"` are this same module under two names, with the same weight names."""
 
-    def construct(self, sample: Tensor) -> Tensor:
-        return self.linear_2(ops.silu(self.linear_1(sample)))
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Dense(in_features, hidden_size)
+        self.linear_2 = nn.Dense(hidden_size, hidden_size)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.linear_2(ops.silu(self.linear_1(x)))
 
 
 class CombinedTimestepTextProjEmbeddings(nn.Cell):
@@ -108,9 +111,9 @@ class CombinedTimestepTextProjEmbeddings(nn.Cell):
     def __init__(self, embedding_dim: int, pooled_projection_dim: int, guidance_embeds: bool):
         super().__init__()
         self.time_proj = Timesteps(num_channels=256)
-        self.timestep_embedder = TimestepEmbedding(256, embedding_dim)
-        self.guidance_embedder = TimestepEmbedding(256, embedding_dim) if guidance_embeds else None
-        self.text_embedder = TextProjection(pooled_projection_dim, embedding_dim)
+        self.timestep_embedder = SiLUProjection(256, embedding_dim)
+        self.guidance_embedder = SiLUProjection(256, embedding_dim) if guidance_embeds else None
+        self.text_embedder = SiLUProjection(pooled_projection_dim, embedding_dim)
 
     def construct(self, timestep: Tensor, guidance: Tensor, pooled_projection: Tensor) -> Tensor:
         dtype = pooled_projection.dtype
@@ -120,45 +123,20 @@ class CombinedTimestepTextProjEmbeddings(nn.Cell):
         return conditioning + self.text_embedder(pooled_projection)
 
 
-class TextProjection(nn.Cell):
-    """diffusers `PixArtAlphaTextProjection(act_fn="silu")`."""
-
-    def __init__(self, in_features: int, hidden_size: int):
-        super().__init__()
-        self.linear_1 = nn.Dense(in_features, hidden_size)
-        self.linear_2 = nn.Dense(hidden_size, hidden_size)
-
-    def construct(self, caption: Tensor) -> Tensor:
-        return self.linear_2(ops.silu(self.linear_1(caption)))
-
-
 class AdaLayerNormZero(nn.Cell):
-    """adaLN-Zero of the double-stream block: returns the modulated input and five modulation vectors."""
+    """adaLN-Zero: the conditioning is projected to `chunks` vectors; the first two (shift, scale)
+    modulate the normalised input, the others (gates, MLP modulation) are returned for the block.
+    Double-stream blocks use 6 chunks, single-stream blocks 3 (diffusers' `AdaLayerNormZeroSingle`)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, chunks: int):
         super().__init__()
-        self.linear = nn.Dense(dim, 6 * dim)
+        self.linear = nn.Dense(dim, chunks * dim)
         self.norm = LayerNormNoAffine(dim)
 
     def construct(self, x: Tensor, emb: Tensor):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(
-            self.linear(ops.silu(emb)), x.shape[-1], axis=1
-        )
-        x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
-
-
-class AdaLayerNormZeroSingle(nn.Cell):
-    """adaLN-Zero of the single-stream block: modulated input and the attention/MLP gate."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = nn.Dense(dim, 3 * dim)
-        self.norm = LayerNormNoAffine(dim)
-
-    def construct(self, x: Tensor, emb: Tensor):
-        shift_msa, scale_msa, gate_msa = ops.split(self.linear(ops.silu(emb)), x.shape[-1], axis=1)
-        return self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None], gate_msa
+        modulation = ops.split(self.linear(ops.silu(emb)), x.shape[-1], axis=1)
+        shift, scale = modulation[0], modulation[1]
+        return (self.norm(x) * (1 + scale[:, None]) + shift[:, None],) + modulation[2:]
 
 
 class AdaLayerNormContinuous(nn.Cell):

@@ -16,7 +16,6 @@ from .attention import FluxAttention, FluxPosEmbed, RotaryEmbedding
 from .layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
-    AdaLayerNormZeroSingle,
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
     LayerNormNoAffine,
@@ -48,8 +47,8 @@ class FluxTransformerBlock(nn.Cell):
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int):
         super().__init__()
-        self.norm1 = AdaLayerNormZero(dim)
-        self.norm1_context = AdaLayerNormZero(dim)
+        self.norm1 = AdaLayerNormZero(dim, chunks=6)
+        self.norm1_context = AdaLayerNormZero(dim, chunks=6)
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, added_kv_proj_dim=dim)
         self.norm2 = LayerNormNoAffine(dim)
         self.ff = FeedForward(dim)
@@ -82,7 +81,7 @@ class FluxSingleTransformerBlock(nn.Cell):
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         mlp_hidden_dim = int(dim * mlp_ratio)
-        self.norm = AdaLayerNormZeroSingle(dim)
+        self.norm = AdaLayerNormZero(dim, chunks=3)
         self.proj_mlp = nn.Dense(dim, mlp_hidden_dim)
         self.proj_out = nn.Dense(dim + mlp_hidden_dim, dim)
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, pre_only=True)
