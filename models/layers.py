@@ -70,10 +70,16 @@ class FeedForward(nn.Cell):
 
 
 def sinusoidal_frequencies(num_channels: int, max_period: float = 10000.0) -> Tensor:
-    """Frequencies of diffusers' `get_timestep_embedding` with `downscale_freq_shift=0`, in fp32."""
+    """Frequencies of diffusers' `get_timestep_embedding` with `downscale_freq_shift=0`, as fp32.
+
+    The exponent is formed in fp32 as diffusers does, and its exp correctly rounded (computed in fp64).
+    Timesteps are scaled by 1000, so a 1-ulp error in a frequency moves the angle by ~6e-5 rad; numpy's
+    fp32 exp is off by one ulp in 55 of 128 entries and that alone cost 5e-5 relative error at the
+    output (measured against diffusers in fp32 and fp64).
+    """
     half = num_channels // 2
-    exponent = (-math.log(max_period) * np.arange(half, dtype=np.float32)) / np.float32(half)
-    return Tensor(np.exp(exponent).astype(np.float32)[None, :])
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return Tensor(np.exp(exponent.astype(np.float64)).astype(np.float32)[None, :])
 
 
 class Timesteps(nn.Cell):
