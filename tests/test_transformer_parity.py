@@ -11,7 +11,9 @@ import mindspore as ms
 from conftest import ms_forward, set_mode
 from models.layers import sinusoidal_frequencies
 from models.transformer_flux import FluxTransformer2DModel
-from torch_reference import make_inputs, relative_max_error, torch_forward, write_torch_checkpoint
+from torch_reference import (
+    TorchFluxTransformer, make_inputs, relative_max_error, torch_forward, write_torch_checkpoint,
+)
 
 # fp32 against fp32: rounding-order differences plus the timestep frequencies, which differ from
 # torch's in the last bit where torch's fp32 exp is not correctly rounded (2 of 128 entries); scaled by
@@ -107,3 +109,16 @@ def test_timestep_frequencies_are_torchs_to_the_last_bit_where_its_exp_is_exact(
     theirs = torch.exp(exponent).numpy()
     assert (ours != theirs).sum() <= 2
     assert np.abs(ours.view(np.int32) - theirs.view(np.int32)).max() <= 1
+
+
+def test_bf16_weights_load_as_bf16_bit_exact(tmp_path):
+    """bf16 is for Ascend (MindSpore's CPU backend has no bf16 matmul), so check loading, not a forward."""
+    folder = write_torch_checkpoint(tmp_path, guidance_embeds=True, weights_dtype="bfloat16")
+    model = FluxTransformer2DModel.from_pretrained(str(folder), "transformer", mindspore_dtype=ms.bfloat16)
+    stored = TorchFluxTransformer.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.bfloat16)
+    stored = {name: value.float().numpy() for name, value in stored.state_dict().items()}
+    params = dict(model.parameters_and_names())
+    assert set(params) == set(stored)
+    for name, param in params.items():
+        assert param.dtype == ms.bfloat16
+        assert (param.astype(ms.float32).asnumpy() == stored[name]).all(), name
