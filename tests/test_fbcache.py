@@ -148,3 +148,118 @@ def test_matches_diffusers_first_block_cache(checkpoint, f1_model, inputs):
     assert stats["cached"] == reference_cached
     assert 0 < stats["steps_cached"] < STEPS
     assert_outputs_close(outputs, reference, FP32_LOOP_BOUND)
+
+
+# ----- (c) Taylor forecasting is exact for polynomial residuals -----
+
+class TaylorUpdate(nn.Cell):
+    """A computed step of the context, without a model: record a residual, advance the step."""
+
+    def __init__(self, context: CacheContext):
+        super().__init__()
+        self.context = context
+
+    def construct(self, residual: Tensor) -> Tensor:
+        self.context.update_taylor(residual)
+        return self.context.finish_step(ms.ops.zeros((), ms.float32), ms.ops.zeros((), ms.bool_))
+
+
+class TaylorForecast(nn.Cell):
+    """A cached step of the context: forecast the residual, advance the step."""
+
+    def __init__(self, context: CacheContext):
+        super().__init__()
+        self.context = context
+
+    def construct(self) -> Tensor:
+        forecast = self.context.forecast()
+        self.context.finish_step(ms.ops.zeros((), ms.float32), ms.ops.ones((), ms.bool_))
+        return forecast
+
+
+# Exactness needs order + 1 computed steps; after the first four, computed steps are unevenly
+# spaced, as cache hits make them (nodes 6, 5, 3, 2 at step 7). The other steps are forecast.
+COMPUTED_STEPS = {0, 1, 2, 3, 5, 6, 9}
+TAYLOR_STEPS = 12
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_polynomial_residual_of_degree_order_is_forecast_exactly(order):
+    rng = np.random.default_rng(order)
+    coefficients = rng.standard_normal((order + 1, 1, 2, 3))
+    context = CacheContext(1, 2, 3, taylorseer_derivative=order)
+    update, forecast = TaylorUpdate(context), TaylorForecast(context)
+    for step in range(TAYLOR_STEPS):
+        residual = sum(c * float(step) ** power for power, c in enumerate(coefficients))
+        if step in COMPUTED_STEPS:
+            update(Tensor(residual.astype(np.float32)))
+        else:
+            np.testing.assert_allclose(forecast().asnumpy(), residual, rtol=1e-4,
+                                       atol=1e-4 * np.abs(residual).max())
+
+
+def test_orders_become_valid_one_per_computed_step():
+    """Before order+1 computed steps the forecast uses only the valid orders (no garbage factors)."""
+    context = CacheContext(1, 2, 3, taylorseer_derivative=3)
+    update, forecast = TaylorUpdate(context), TaylorForecast(context)
+    first = np.full((1, 2, 3), 2.0, np.float32)
+    update(Tensor(first))
+    np.testing.assert_array_equal(forecast().asnumpy(), first)
+    update(Tensor(first + 3.0))  # step 2, after a forecast at step 1: slope 3 / 2 per step
+    assert int(context.valid_orders.asnumpy()) == 2
+    np.testing.assert_allclose(forecast().asnumpy(), first + 3.0 + 1.5, rtol=1e-6)
+
+
+# ----- (d) guards -----
+
+@pytest.mark.parametrize("limits,expected", [
+    (dict(warmup_steps=3), [False, False, False, True, True, True, True, True]),
+    (dict(max_cached_steps=2), [False, True, True, False, False, False, False, False]),
+    (dict(max_continuous_cached_steps=2), [False, True, True, False, True, True, False, True]),
+    (dict(warmup_steps=2, max_cached_steps=3, max_continuous_cached_steps=1),
+     [False, False, True, False, True, False, True, False]),
+])
+def test_guards_limit_cached_steps(f1_model, inputs, limits, expected):
+    model, context = f1_model
+    settings = dict(threshold=1e9, taylorseer_derivative=0, warmup_steps=0, max_cached_steps=-1,
+                    max_continuous_cached_steps=-1)
+    context.configure(**{**settings, **limits})
+    _, stats = generate(model, context, inputs)
+    assert stats["cached"] == expected
+    assert stats["steps_cached"] == sum(expected)
+
+
+# ----- (e) reconfiguration and reset: no recompile, no stale state -----
+
+def test_reconfigure_and_reset_do_not_recompile_or_leak_state(f1_model, inputs):
+    model, context = f1_model
+    context.configure(threshold=0.3, taylorseer_derivative=1, warmup_steps=0, max_cached_steps=-1,
+                      max_continuous_cached_steps=-1)
+    first_outputs, first_stats = generate(model, context, inputs)
+    context.configure(threshold=0.2, taylorseer_derivative=3)
+    other_outputs, other_stats = generate(model, context, inputs)
+    context.configure(threshold=0.3, taylorseer_derivative=1)
+    again_outputs, again_stats = generate(model, context, inputs)
+
+    assert len(model.compile_cache) == 1
+    assert 0 < first_stats["steps_cached"] < STEPS
+    assert other_stats["cached"] != first_stats["cached"]
+    assert again_stats == first_stats or np.allclose(
+        again_stats["diffs"][1:], first_stats["diffs"][1:], rtol=0, atol=0)
+    for output, reference in zip(again_outputs, first_outputs):
+        np.testing.assert_array_equal(output, reference)
+
+
+# ----- (f) graph and PyNative agree -----
+
+def test_graph_and_pynative_agree(f1_model, inputs):
+    model, context = f1_model
+    context.configure(threshold=0.3, taylorseer_derivative=2, warmup_steps=0, max_cached_steps=-1,
+                      max_continuous_cached_steps=-1)
+    graph_outputs, graph_stats = generate(model, context, inputs)
+    set_mode("pynative")
+    pynative_outputs, pynative_stats = generate(model, context, inputs)
+    assert pynative_stats["cached"] == graph_stats["cached"]
+    assert 0 < graph_stats["steps_cached"] < STEPS
+    np.testing.assert_allclose(pynative_stats["diffs"][1:], graph_stats["diffs"][1:], rtol=1e-5)
+    assert_outputs_close(pynative_outputs, graph_outputs, SAME_MODEL_BOUND)
