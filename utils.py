@@ -36,6 +36,13 @@ def _scalar(value, dtype, name: str) -> Parameter:
     return Parameter(Tensor(value, dtype), name=name, requires_grad=False)
 
 
+def _fill(param: Parameter, value) -> None:
+    """Overwrite a Parameter in place from the host. `ops.assign`, not `set_data`: after a compile,
+    `set_data` on Parameters written inside a graph branch left the graph's later writes invisible
+    to the host (measured: Taylor state stayed at its reset value after the next generation)."""
+    ops.assign(param, Tensor(np.full(param.shape, value), param.dtype))
+
+
 def _check_int(name: str, value: int, minimum: int) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
@@ -130,20 +137,20 @@ class CacheContext(nn.Cell):
                             ("max_continuous_cached_steps", max_continuous_cached_steps)):
             if value is not None:
                 _check_limit(name, value)
-        updates = ((self.threshold, threshold, ms.float32), (self.taylor_order, taylorseer_derivative, ms.int32),
-                   (self.warmup_steps, warmup_steps, ms.int32), (self.max_cached_steps, max_cached_steps, ms.int32),
-                   (self.max_continuous_cached_steps, max_continuous_cached_steps, ms.int32))
-        for param, value, dtype in updates:
+        updates = ((self.threshold, threshold), (self.taylor_order, taylorseer_derivative),
+                   (self.warmup_steps, warmup_steps), (self.max_cached_steps, max_cached_steps),
+                   (self.max_continuous_cached_steps, max_continuous_cached_steps))
+        for param, value in updates:
             if value is not None:
-                param.set_data(Tensor(value, dtype))
+                _fill(param, value)
 
     def reset(self) -> None:
         """Clear all generation state in place, keeping the settings."""
         for param in (self.prev_residual, self.taylor_factors, self.computed_steps, self.text_residual,
                       self.has_prev, self.valid_orders, self.step, self.consecutive_cached, self.cached_total,
                       self.stats_cached):
-            param.set_data(Tensor(np.zeros(param.shape), param.dtype))
-        self.stats_diff.set_data(Tensor(np.full(self.stats_diff.shape, np.nan), ms.float32))
+            _fill(param, 0)
+        _fill(self.stats_diff, np.nan)
 
     # ----- graph-side methods, called from the cached forward -----
 
