@@ -270,3 +270,87 @@ def test_graph_and_pynative_agree(f1_model, inputs):
     assert 0 < graph_stats["steps_cached"] < STEPS
     np.testing.assert_allclose(pynative_stats["diffs"][1:], graph_stats["diffs"][1:], rtol=1e-5)
     assert_outputs_close(pynative_outputs, graph_outputs, SAME_MODEL_BOUND)
+
+
+# ----- (g) Fn/Bn variants against a plain reference -----
+
+def reference_fbcache_step(model, state: dict, fn: int, bn: int, threshold: float, latents, sigma, inputs):
+    """Order-0 First-Block Cache written plainly in PyNative: blocks one by one, state in a dict."""
+    tensors = {name: None if value is None else Tensor(value) for name, value in inputs.items()}
+    tensors.update(hidden_states=Tensor(latents), timestep=Tensor(np.full(BATCH, sigma, np.float32)))
+    image, text, temb, rotary = _embed(model, **tensors)
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    embedded = image.asnumpy()
+    for block in blocks[:fn]:
+        text, image = block(image, text, temb, rotary)
+    probe = image.asnumpy() - embedded
+    previous = state.get("probe")
+    cached = previous is not None and np.abs(probe - previous).mean() / np.abs(previous).mean() < threshold
+    if cached:
+        image, text = image + Tensor(state["image"]), text + Tensor(state["text"])
+    else:
+        start_image, start_text = image.asnumpy(), text.asnumpy()
+        for block in blocks[fn:len(blocks) - bn]:
+            text, image = block(image, text, temb, rotary)
+        state.update(probe=probe, image=image.asnumpy() - start_image, text=text.asnumpy() - start_text)
+    for block in blocks[len(blocks) - bn:]:
+        text, image = block(image, text, temb, rotary)
+    state.setdefault("cached", []).append(bool(cached))
+    return model.proj_out(model.norm_out(image, temb)).asnumpy()
+
+
+@pytest.mark.parametrize("fn,bn", [(2, 1), (1, 2)])
+def test_fn_bn_variants_match_plain_reference(checkpoint, inputs, fn, bn):
+    threshold = 0.3
+    model, context = cached_model(checkpoint, residual_diff_threshold=threshold, fn_compute_blocks=fn,
+                                  bn_compute_blocks=bn)
+    outputs, stats = generate(model, context, inputs)
+    set_mode("pynative")
+    plain = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer")
+    state = {}
+    reference = euler_loop(
+        lambda latents, sigma: reference_fbcache_step(plain, state, fn, bn, threshold, latents, sigma, inputs),
+        inputs["hidden_states"])
+    assert stats["cached"] == state["cached"]
+    assert 0 < stats["steps_cached"] < STEPS
+    assert_outputs_close(outputs, reference, SAME_MODEL_BOUND)
+
+
+# ----- validation errors -----
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(taylorseer_derivative=-1), "taylorseer_derivative"),
+    (dict(taylorseer_derivative=4), "taylorseer_derivative"),
+    (dict(max_cached_steps=-2), "max_cached_steps"),
+    (dict(max_continuous_cached_steps=1.5), "max_continuous_cached_steps"),
+    (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(residual_diff_threshold=float("nan")), "residual_diff_threshold"),
+    (dict(bn_compute_blocks=1), "text_seq_len"),
+    (dict(fn_compute_blocks=0), "fn_compute_blocks"),
+])
+def test_context_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CacheContext(BATCH, TOKENS, INNER, **kwargs)
+
+
+def test_configure_rejects_bad_order_and_keeps_old_value():
+    context = CacheContext(BATCH, TOKENS, INNER, taylorseer_derivative=1)
+    with pytest.raises(ValueError, match=r"expected an int in \[0, 3\], got 5"):
+        context.configure(taylorseer_derivative=5)
+    assert int(context.taylor_order.asnumpy()) == 1
+
+
+def test_enable_rejects_more_always_computed_blocks_than_the_model_has(checkpoint):
+    model = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer")
+    context = CacheContext(BATCH, TOKENS, INNER, fn_compute_blocks=3, bn_compute_blocks=2, text_seq_len=TEXT)
+    with pytest.raises(ValueError, match=f"<= {NUM_BLOCKS} blocks, got 3 \\+ 2"):
+        enable_fbcache(model, context)
+
+
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+def test_forward_rejects_shapes_other_than_the_context(checkpoint, mode):
+    set_mode(mode)
+    model, _ = cached_model(checkpoint)
+    wrong = make_inputs(BATCH + 1, HEIGHT, WIDTH, TEXT, guidance=True).as_dict()
+    with pytest.raises(ValueError, match=r"expects \(batch, image tokens, inner dim\) \(1, 16, 32\), got \(2, 16, 32\)"):
+        ms_step(model, wrong)(wrong["hidden_states"], 1.0)
