@@ -1,0 +1,129 @@
+"""First-Block Cache forward for Flux transformers, decided on the device in graph mode.
+
+Written only against the model contract (x_embedder, time_text_embed, context_embedder, pos_embed,
+transformer_blocks, single_transformer_blocks, norm_out, proj_out, guidance_embeds; blocks called
+`block(hidden, encoder_hidden, temb, rotary) -> (encoder_hidden, hidden)`), so it binds onto the
+portable model and onto mindone's FluxTransformer2DModel alike. Double and single blocks form one
+sequence: the first Fn always run, the last Bn always run, the ones between are cached.
+
+The cache context lives in `self.fbcache_context` (mindone's CacheMixin owns `cache_context`).
+Bind before the first call: a compiled graph ignores a later change of `construct` or context.
+"""
+
+import types
+from typing import Any, Dict, Optional, Tuple
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from utils import CacheContext
+
+
+def _num_blocks(model) -> int:
+    return len(model.transformer_blocks) + len(model.single_transformer_blocks)
+
+
+def _run_blocks(model, start: int, end: int, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+                image_rotary_emb) -> Tuple[Tensor, Tensor]:
+    """Blocks [start, end) of the double-then-single sequence (indices are compile-time ints)."""
+    num_double = len(model.transformer_blocks)
+    for index in range(start, end):
+        if index < num_double:
+            block = model.transformer_blocks[index]
+        else:
+            block = model.single_transformer_blocks[index - num_double]
+        encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+    return encoder_hidden_states, hidden_states
+
+
+def _check_block_counts(model, context: CacheContext) -> None:
+    if context.fn_compute_blocks + context.bn_compute_blocks > _num_blocks(model):
+        raise ValueError(f"fn_compute_blocks + bn_compute_blocks must be <= {_num_blocks(model)} blocks, got "
+                         f"{context.fn_compute_blocks} + {context.bn_compute_blocks}")
+
+
+def _check_call(model, context, hidden_states: Tensor, encoder_hidden_states: Tensor) -> None:
+    """On the embedded streams. Shapes are compile-time constants: a mismatch fails at compile time."""
+    got = (hidden_states.shape[0], hidden_states.shape[1], hidden_states.shape[2])
+    expected = (context.batch_size, context.seq_len, context.inner_dim)
+    if got != expected:
+        raise ValueError(f"FBCache context expects (batch, image tokens, inner dim) {expected}, got {got}")
+    if context.bn_compute_blocks > 0 and encoder_hidden_states.shape[1] != context.text_seq_len:
+        raise ValueError(f"FBCache context expects {context.text_seq_len} text tokens, "
+                         f"got {encoder_hidden_states.shape[1]}")
+    _check_block_counts(model, context)
+
+
+def _embed(model, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
+    """The model's input embeddings, as in its own construct (timestep and guidance scaled by 1000)."""
+    if model.guidance_embeds and guidance is None:
+        raise ValueError("this transformer has guidance_embeds=True (FLUX.1-dev): pass a `guidance` tensor")
+    if not model.guidance_embeds and guidance is not None:
+        raise ValueError("this transformer has no guidance embedding (FLUX.1-schnell): pass guidance=None")
+    dtype = model.x_embedder.weight.dtype
+    hidden_states = model.x_embedder(hidden_states.astype(dtype))
+    timestep = timestep.astype(dtype) * 1000
+    if guidance is not None:
+        guidance = guidance.astype(dtype) * 1000
+    temb = model.time_text_embed(timestep, guidance, pooled_projections.astype(dtype))
+    encoder_hidden_states = model.context_embedder(encoder_hidden_states.astype(dtype))
+    if txt_ids.ndim == 3:
+        txt_ids = txt_ids[0]
+    if img_ids.ndim == 3:
+        img_ids = img_ids[0]
+    image_rotary_emb = model.pos_embed(ops.cat([txt_ids.astype(ms.float32), img_ids.astype(ms.float32)], 0))
+    return hidden_states, encoder_hidden_states, temb, image_rotary_emb
+
+
+def FBCache_transformer_construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor,
+                                  pooled_projections: Tensor, timestep: Tensor, img_ids: Tensor, txt_ids: Tensor,
+                                  guidance: Optional[Tensor] = None,
+                                  joint_attention_kwargs: Optional[Dict[str, Any]] = None,
+                                  return_dict: bool = False) -> Tuple[Tensor]:
+    """Cached Flux forward: one call is one denoising step of `self.fbcache_context`; returns `(sample,)`."""
+    if return_dict:
+        raise ValueError("return_dict=True is not supported (graph mode returns tuples); read `(sample,)`")
+    if joint_attention_kwargs is not None:
+        raise ValueError("joint_attention_kwargs are not supported by the FBCache forward; pass None")
+    context = self.fbcache_context
+    first_end = context.fn_compute_blocks
+    middle_end = _num_blocks(self) - context.bn_compute_blocks
+    hidden_states, encoder_hidden_states, temb, rotary = _embed(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
+    _check_call(self, context, hidden_states, encoder_hidden_states)
+
+    probe_input = hidden_states
+    encoder_hidden_states, hidden_states = _run_blocks(
+        self, 0, first_end, hidden_states, encoder_hidden_states, temb, rotary)
+    probe_residual = hidden_states - probe_input
+    diff = context.probe_diff(probe_residual)
+    cached = context.can_cache(diff)
+    if cached:
+        hidden_states = hidden_states + context.forecast()
+        if context.bn_compute_blocks > 0:
+            encoder_hidden_states = encoder_hidden_states + context.text_residual
+        context.update_on_hit()
+    else:
+        middle_encoder, middle_hidden = _run_blocks(
+            self, first_end, middle_end, hidden_states, encoder_hidden_states, temb, rotary)
+        context.update_on_miss(probe_residual, middle_hidden - hidden_states, middle_encoder - encoder_hidden_states)
+        hidden_states, encoder_hidden_states = middle_hidden, middle_encoder
+    encoder_hidden_states, hidden_states = _run_blocks(
+        self, middle_end, _num_blocks(self), hidden_states, encoder_hidden_states, temb, rotary)
+    context.finish_step(diff, cached)
+    return (self.proj_out(self.norm_out(hidden_states, temb)),)
+
+
+def enable_fbcache(transformer, cache_context: CacheContext) -> None:
+    """Attach a context and bind the cached forward. Do it before the first call (see module doc)."""
+    _check_block_counts(transformer, cache_context)
+    transformer.fbcache_context = cache_context
+    transformer.construct = types.MethodType(FBCache_transformer_construct, transformer)
+
+
+def disable_fbcache(transformer) -> None:
+    """Restore the class forward and drop the context (for an uncompiled or re-created model)."""
+    if "construct" in transformer.__dict__:
+        del transformer.construct
+    if hasattr(transformer, "fbcache_context"):
+        del transformer.fbcache_context

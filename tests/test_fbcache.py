@@ -1,0 +1,356 @@
+"""First-Block Cache: parity with the uncached model and with diffusers' FirstBlockCache, Taylor
+forecasting, guards, in-place reconfiguration without recompiles, modes, Fn/Bn variants, errors."""
+
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import pytest
+import torch
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from conftest import set_mode
+from models.transformer_flux import FluxTransformer2DModel
+from models.transformer_flux_withFBCache import _embed, enable_fbcache
+from torch_reference import SMALL_CONFIG, make_inputs, relative_max_error, write_torch_checkpoint
+from utils import CacheContext
+
+BATCH, HEIGHT, WIDTH, TEXT = 1, 4, 4, 5
+TOKENS = HEIGHT * WIDTH
+INNER = SMALL_CONFIG["num_attention_heads"] * SMALL_CONFIG["attention_head_dim"]
+NUM_BLOCKS = SMALL_CONFIG["num_layers"] + SMALL_CONFIG["num_single_layers"]
+STEPS = 8
+# The first-block residual of these random weights is very sensitive to the timestep: over sigma
+# 1 -> 0 consecutive diffs are 0.7-2 (no threshold separates hits from misses); over 1 -> 0.995 they
+# are 0.1-0.2 per step (measured), so cached and computed steps both occur.
+SIGMA_SPAN = 0.005
+# fp32 ours vs diffusers after a loop of steps (single-call parity is 1e-4; errors compound a little).
+FP32_LOOP_BOUND = 2e-4
+# Same weights and ops, different execution (graph vs PyNative, fused vs block-by-block).
+SAME_MODEL_BOUND = 1e-5
+
+Forward = Callable[[np.ndarray, float], np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(write_torch_checkpoint(tmp_path_factory.mktemp("fbcache"), guidance_embeds=True))
+
+
+@pytest.fixture(scope="module")
+def inputs() -> Dict[str, np.ndarray]:
+    return make_inputs(BATCH, HEIGHT, WIDTH, TEXT, guidance=True, seed=3).as_dict()
+
+
+def euler_loop(forward: Forward, latents: np.ndarray, steps: int = STEPS) -> List[np.ndarray]:
+    """A flow-matching Euler loop with decreasing timesteps; returns every step's model output."""
+    sigmas = np.linspace(1.0, 1.0 - SIGMA_SPAN, steps + 1)
+    outputs = []
+    for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
+        output = forward(latents, float(sigma))
+        outputs.append(output)
+        latents = (latents + (next_sigma - sigma) * output).astype(np.float32)
+    return outputs
+
+
+def ms_step(model, inputs: Dict[str, np.ndarray]) -> Forward:
+    def forward(latents: np.ndarray, sigma: float) -> np.ndarray:
+        tensors = {name: None if value is None else Tensor(value) for name, value in inputs.items()}
+        tensors["hidden_states"] = Tensor(latents)
+        tensors["timestep"] = Tensor(np.full(BATCH, sigma, np.float32))
+        return model(**tensors)[0].asnumpy()
+    return forward
+
+
+def cached_model(checkpoint: str, **context_kwargs) -> Tuple[FluxTransformer2DModel, CacheContext]:
+    model = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer")
+    context = CacheContext(BATCH, TOKENS, INNER, text_seq_len=TEXT, **context_kwargs)
+    enable_fbcache(model, context)
+    return model, context
+
+
+def generate(model, context: CacheContext, inputs) -> Tuple[List[np.ndarray], Dict[str, object]]:
+    context.reset()
+    outputs = euler_loop(ms_step(model, inputs), inputs["hidden_states"])
+    return outputs, context.summary()
+
+
+def assert_outputs_close(actual: List[np.ndarray], reference: List[np.ndarray], bound: float) -> None:
+    errors = [relative_max_error(a, r) for a, r in zip(actual, reference)]
+    assert max(errors) <= bound, errors
+
+
+@pytest.fixture(scope="module")
+def uncached_outputs(checkpoint, inputs) -> List[np.ndarray]:
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    model = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer")
+    return euler_loop(ms_step(model, inputs), inputs["hidden_states"])
+
+
+@pytest.fixture(scope="module")
+def f1_model(checkpoint):
+    """One compiled F1B0 model shared by the tests that reconfigure and reset its context in place."""
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    return cached_model(checkpoint, residual_diff_threshold=0.0)
+
+
+# ----- (a) no caching gives the uncached model -----
+
+@pytest.mark.parametrize("settings", [dict(threshold=0.0, warmup_steps=0),
+                                      dict(threshold=1e9, warmup_steps=STEPS)])
+def test_no_cache_settings_equal_uncached_model(f1_model, inputs, uncached_outputs, settings):
+    model, context = f1_model
+    context.configure(taylorseer_derivative=0, max_cached_steps=-1, max_continuous_cached_steps=-1, **settings)
+    outputs, stats = generate(model, context, inputs)
+    assert stats["steps_cached"] == 0 and not any(stats["cached"])
+    for output, reference in zip(outputs, uncached_outputs):
+        np.testing.assert_array_equal(output, reference)
+
+
+# ----- (b) decisions and outputs of diffusers' FirstBlockCache -----
+
+def diffusers_fbcache_loop(checkpoint: str, inputs, threshold: float) -> Tuple[List[np.ndarray], List[bool]]:
+    """diffusers' FBCache over the same loop; its per-step decisions read from the shared hook state."""
+    from diffusers import FluxTransformer2DModel as TorchFlux
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    model = TorchFlux.from_pretrained(checkpoint, subfolder="transformer").eval()
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+    model._reset_stateful_cache()
+    head_hook = model.transformer_blocks[0]._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK)
+    fixed = {name: torch.from_numpy(value) for name, value in inputs.items() if value is not None}
+    cached = []
+
+    def forward(latents: np.ndarray, sigma: float) -> np.ndarray:
+        with torch.no_grad(), model.cache_context("cond"):
+            output = model(**{**fixed, "hidden_states": torch.from_numpy(latents),
+                              "timestep": torch.full((BATCH,), sigma)}, return_dict=False)[0]
+            cached.append(not head_hook.state_manager.get_state().should_compute)
+        return output.numpy()
+
+    return euler_loop(forward, inputs["hidden_states"]), cached
+
+
+# Measured diffs of this loop (F1B0, threshold 0.3): 0.11 0.26 0.39 0.17 0.35 0.18 0.33, 4 of 8 steps
+# cached; the nearest is 0.028 from the threshold, far above fp32 noise (~1e-4).
+DIFFUSERS_THRESHOLD = 0.3
+
+
+def test_matches_diffusers_first_block_cache(checkpoint, f1_model, inputs):
+    model, context = f1_model
+    context.configure(threshold=DIFFUSERS_THRESHOLD, taylorseer_derivative=0, warmup_steps=0,
+                      max_cached_steps=-1, max_continuous_cached_steps=-1)
+    outputs, stats = generate(model, context, inputs)
+    print(context.format_summary())
+    reference, reference_cached = diffusers_fbcache_loop(checkpoint, inputs, DIFFUSERS_THRESHOLD)
+    assert stats["cached"] == reference_cached
+    assert 0 < stats["steps_cached"] < STEPS
+    assert_outputs_close(outputs, reference, FP32_LOOP_BOUND)
+
+
+# ----- (c) Taylor forecasting is exact for polynomial residuals -----
+
+class TaylorUpdate(nn.Cell):
+    """A computed step of the context, without a model: record a residual, advance the step."""
+
+    def __init__(self, context: CacheContext):
+        super().__init__()
+        self.context = context
+
+    def construct(self, residual: Tensor) -> Tensor:
+        self.context.update_taylor(residual)
+        return self.context.finish_step(ms.ops.zeros((), ms.float32), ms.ops.zeros((), ms.bool_))
+
+
+class TaylorForecast(nn.Cell):
+    """A cached step of the context: forecast the residual, advance the step."""
+
+    def __init__(self, context: CacheContext):
+        super().__init__()
+        self.context = context
+
+    def construct(self) -> Tensor:
+        forecast = self.context.forecast()
+        self.context.finish_step(ms.ops.zeros((), ms.float32), ms.ops.ones((), ms.bool_))
+        return forecast
+
+
+# Exactness needs order + 1 computed steps; after the first four, computed steps are unevenly
+# spaced, as cache hits make them (nodes 6, 5, 3, 2 at step 7). The other steps are forecast.
+COMPUTED_STEPS = {0, 1, 2, 3, 5, 6, 9}
+TAYLOR_STEPS = 12
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_polynomial_residual_of_degree_order_is_forecast_exactly(order):
+    rng = np.random.default_rng(order)
+    coefficients = rng.standard_normal((order + 1, 1, 2, 3))
+    context = CacheContext(1, 2, 3, taylorseer_derivative=order)
+    update, forecast = TaylorUpdate(context), TaylorForecast(context)
+    for step in range(TAYLOR_STEPS):
+        residual = sum(c * float(step) ** power for power, c in enumerate(coefficients))
+        if step in COMPUTED_STEPS:
+            update(Tensor(residual.astype(np.float32)))
+        else:
+            np.testing.assert_allclose(forecast().asnumpy(), residual, rtol=1e-4,
+                                       atol=1e-4 * np.abs(residual).max())
+
+
+def test_orders_become_valid_one_per_computed_step():
+    """Before order+1 computed steps the forecast uses only the valid orders (no garbage factors)."""
+    context = CacheContext(1, 2, 3, taylorseer_derivative=3)
+    update, forecast = TaylorUpdate(context), TaylorForecast(context)
+    first = np.full((1, 2, 3), 2.0, np.float32)
+    update(Tensor(first))
+    np.testing.assert_array_equal(forecast().asnumpy(), first)
+    update(Tensor(first + 3.0))  # step 2, after a forecast at step 1: slope 3 / 2 per step
+    assert int(context.valid_orders.asnumpy()) == 2
+    np.testing.assert_allclose(forecast().asnumpy(), first + 3.0 + 1.5, rtol=1e-6)
+
+
+# ----- (d) guards -----
+
+@pytest.mark.parametrize("limits,expected", [
+    (dict(warmup_steps=3), [False, False, False, True, True, True, True, True]),
+    (dict(max_cached_steps=2), [False, True, True, False, False, False, False, False]),
+    (dict(max_continuous_cached_steps=2), [False, True, True, False, True, True, False, True]),
+    (dict(warmup_steps=2, max_cached_steps=3, max_continuous_cached_steps=1),
+     [False, False, True, False, True, False, True, False]),
+])
+def test_guards_limit_cached_steps(f1_model, inputs, limits, expected):
+    model, context = f1_model
+    settings = dict(threshold=1e9, taylorseer_derivative=0, warmup_steps=0, max_cached_steps=-1,
+                    max_continuous_cached_steps=-1)
+    context.configure(**{**settings, **limits})
+    _, stats = generate(model, context, inputs)
+    assert stats["cached"] == expected
+    assert stats["steps_cached"] == sum(expected)
+
+
+# ----- (e) reconfiguration and reset: no recompile, no stale state -----
+
+def generate_with(model, context: CacheContext, inputs, threshold: float, order: int):
+    """Reconfigure in place, generate, and check the Taylor state the graph left is live."""
+    context.configure(threshold=threshold, taylorseer_derivative=order)
+    outputs, stats = generate(model, context, inputs)
+    assert int(context.valid_orders.asnumpy()) == min(stats["steps_computed"], order + 1)
+    return outputs, stats
+
+
+def test_reconfigure_and_reset_do_not_recompile_or_leak_state(f1_model, inputs):
+    model, context = f1_model
+    context.configure(warmup_steps=0, max_cached_steps=-1, max_continuous_cached_steps=-1)
+    first_outputs, first_stats = generate_with(model, context, inputs, 0.3, 1)
+    other_outputs, other_stats = generate_with(model, context, inputs, 0.2, 3)
+    order0_outputs, _ = generate_with(model, context, inputs, 0.3, 0)
+    again_outputs, again_stats = generate_with(model, context, inputs, 0.3, 1)
+
+    assert len(model.compile_cache) == 1
+    assert 0 < first_stats["steps_cached"] < STEPS
+    assert other_stats["cached"] != first_stats["cached"]
+    # The order-1 forecast differs from plain reuse once two steps were computed (step 4: nodes 0, 3).
+    assert relative_max_error(first_outputs[4], order0_outputs[4]) > 1e-3
+    np.testing.assert_equal(again_stats, first_stats)
+    for output, reference in zip(again_outputs, first_outputs):
+        np.testing.assert_array_equal(output, reference)
+
+
+# ----- (f) graph and PyNative agree -----
+
+def test_graph_and_pynative_agree(f1_model, inputs):
+    model, context = f1_model
+    context.configure(threshold=0.3, taylorseer_derivative=2, warmup_steps=0, max_cached_steps=-1,
+                      max_continuous_cached_steps=-1)
+    graph_outputs, graph_stats = generate(model, context, inputs)
+    set_mode("pynative")
+    pynative_outputs, pynative_stats = generate(model, context, inputs)
+    assert pynative_stats["cached"] == graph_stats["cached"]
+    assert 0 < graph_stats["steps_cached"] < STEPS
+    np.testing.assert_allclose(pynative_stats["diffs"][1:], graph_stats["diffs"][1:], rtol=1e-5)
+    assert_outputs_close(pynative_outputs, graph_outputs, SAME_MODEL_BOUND)
+
+
+# ----- (g) Fn/Bn variants against a plain reference -----
+
+def reference_fbcache_step(model, state: dict, fn: int, bn: int, threshold: float, latents, sigma, inputs):
+    """Order-0 First-Block Cache written plainly in PyNative: blocks one by one, state in a dict."""
+    tensors = {name: None if value is None else Tensor(value) for name, value in inputs.items()}
+    tensors.update(hidden_states=Tensor(latents), timestep=Tensor(np.full(BATCH, sigma, np.float32)))
+    image, text, temb, rotary = _embed(model, **tensors)
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    embedded = image.asnumpy()
+    for block in blocks[:fn]:
+        text, image = block(image, text, temb, rotary)
+    probe = image.asnumpy() - embedded
+    previous = state.get("probe")
+    cached = previous is not None and np.abs(probe - previous).mean() / np.abs(previous).mean() < threshold
+    if cached:
+        image, text = image + Tensor(state["image"]), text + Tensor(state["text"])
+    else:
+        start_image, start_text = image.asnumpy(), text.asnumpy()
+        for block in blocks[fn:len(blocks) - bn]:
+            text, image = block(image, text, temb, rotary)
+        state.update(probe=probe, image=image.asnumpy() - start_image, text=text.asnumpy() - start_text)
+    for block in blocks[len(blocks) - bn:]:
+        text, image = block(image, text, temb, rotary)
+    state.setdefault("cached", []).append(bool(cached))
+    return model.proj_out(model.norm_out(image, temb)).asnumpy()
+
+
+@pytest.mark.parametrize("fn,bn", [(2, 1), (1, 2)])
+def test_fn_bn_variants_match_plain_reference(checkpoint, inputs, fn, bn):
+    threshold = 0.3
+    model, context = cached_model(checkpoint, residual_diff_threshold=threshold, fn_compute_blocks=fn,
+                                  bn_compute_blocks=bn)
+    outputs, stats = generate(model, context, inputs)
+    set_mode("pynative")
+    plain = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer")
+    state = {}
+    reference = euler_loop(
+        lambda latents, sigma: reference_fbcache_step(plain, state, fn, bn, threshold, latents, sigma, inputs),
+        inputs["hidden_states"])
+    assert stats["cached"] == state["cached"]
+    assert 0 < stats["steps_cached"] < STEPS
+    assert_outputs_close(outputs, reference, SAME_MODEL_BOUND)
+
+
+# ----- validation errors -----
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(taylorseer_derivative=-1), "taylorseer_derivative"),
+    (dict(taylorseer_derivative=4), "taylorseer_derivative"),
+    (dict(max_cached_steps=-2), "max_cached_steps"),
+    (dict(max_continuous_cached_steps=1.5), "max_continuous_cached_steps"),
+    (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(residual_diff_threshold=float("nan")), "residual_diff_threshold"),
+    (dict(bn_compute_blocks=1), "text_seq_len"),
+    (dict(fn_compute_blocks=0), "fn_compute_blocks"),
+])
+def test_context_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CacheContext(BATCH, TOKENS, INNER, **kwargs)
+
+
+def test_configure_rejects_bad_order_and_keeps_old_value():
+    context = CacheContext(BATCH, TOKENS, INNER, taylorseer_derivative=1)
+    with pytest.raises(ValueError, match=r"expected an int in \[0, 3\], got 5"):
+        context.configure(taylorseer_derivative=5)
+    assert int(context.taylor_order.asnumpy()) == 1
+
+
+def test_enable_rejects_more_always_computed_blocks_than_the_model_has(checkpoint):
+    model = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer")
+    context = CacheContext(BATCH, TOKENS, INNER, fn_compute_blocks=3, bn_compute_blocks=2, text_seq_len=TEXT)
+    with pytest.raises(ValueError, match=f"<= {NUM_BLOCKS} blocks, got 3 \\+ 2"):
+        enable_fbcache(model, context)
+
+
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+def test_forward_rejects_shapes_other_than_the_context(checkpoint, mode):
+    set_mode(mode)
+    model, _ = cached_model(checkpoint)
+    wrong = make_inputs(BATCH + 1, HEIGHT, WIDTH, TEXT, guidance=True).as_dict()
+    with pytest.raises(ValueError, match=r"expects \(batch, image tokens, inner dim\) \(1, 16, 32\), got \(2, 16, 32\)"):
+        ms_step(model, wrong)(wrong["hidden_states"], 1.0)
