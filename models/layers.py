@@ -108,25 +108,32 @@ class SiLUProjection(nn.Cell):
 
 
 class CombinedTimestepTextProjEmbeddings(nn.Cell):
-    """Timestep (+ guidance for FLUX.1-dev) embedding plus the pooled CLIP text projection.
+    """FLUX.1-schnell conditioning: timestep embedding plus the pooled CLIP text projection."""
 
-    One class for both variants: `guidance_embeds` decides whether a `guidance_embedder` exists,
-    which is the only difference between diffusers' two classes.
-    """
-
-    def __init__(self, embedding_dim: int, pooled_projection_dim: int, guidance_embeds: bool):
+    def __init__(self, embedding_dim: int, pooled_projection_dim: int):
         super().__init__()
         self.time_proj = Timesteps(num_channels=256)
         self.timestep_embedder = SiLUProjection(256, embedding_dim)
-        self.guidance_embedder = SiLUProjection(256, embedding_dim) if guidance_embeds else None
         self.text_embedder = SiLUProjection(pooled_projection_dim, embedding_dim)
+
+    def construct(self, timestep: Tensor, pooled_projection: Tensor) -> Tensor:
+        timestep_emb = self.timestep_embedder(self.time_proj(timestep).astype(pooled_projection.dtype))
+        return timestep_emb + self.text_embedder(pooled_projection)
+
+
+class CombinedTimestepGuidanceTextProjEmbeddings(CombinedTimestepTextProjEmbeddings):
+    """FLUX.1-dev conditioning: adds the embedded (distilled) guidance scale."""
+
+    def __init__(self, embedding_dim: int, pooled_projection_dim: int):
+        super().__init__(embedding_dim, pooled_projection_dim)
+        self.guidance_embedder = SiLUProjection(256, embedding_dim)
 
     def construct(self, timestep: Tensor, guidance: Tensor, pooled_projection: Tensor) -> Tensor:
         dtype = pooled_projection.dtype
-        conditioning = self.timestep_embedder(self.time_proj(timestep).astype(dtype))
-        if self.guidance_embedder is not None:
-            conditioning = conditioning + self.guidance_embedder(self.time_proj(guidance).astype(dtype))
-        return conditioning + self.text_embedder(pooled_projection)
+        time_guidance_emb = self.timestep_embedder(self.time_proj(timestep).astype(dtype)) + self.guidance_embedder(
+            self.time_proj(guidance).astype(dtype)
+        )
+        return time_guidance_emb + self.text_embedder(pooled_projection)
 
 
 class AdaLayerNormZero(nn.Cell):

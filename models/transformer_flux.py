@@ -16,6 +16,7 @@ from .attention import FluxAttention, FluxPosEmbed, RotaryEmbedding
 from .layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
+    CombinedTimestepGuidanceTextProjEmbeddings,
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
     LayerNormNoAffine,
@@ -33,13 +34,16 @@ def clip_fp16(x: Tensor) -> Tensor:
     return x
 
 
-def check_no_attention_kwargs(joint_attention_kwargs: Optional[Dict[str, Any]]) -> None:
-    """The argument exists for call compatibility; attention processors and LoRA scales are not supported."""
+def check_call_options(joint_attention_kwargs: Optional[Dict[str, Any]], return_dict: bool = False) -> None:
+    """The arguments exist for call compatibility with diffusers; attention processors, LoRA scales and
+    output dataclasses (which graph mode cannot return) are not supported."""
     if joint_attention_kwargs:
         raise ValueError(
             f"joint_attention_kwargs are not supported by the portable Flux transformer, got "
             f"{list(joint_attention_kwargs)}; pass None"
         )
+    if return_dict:
+        raise ValueError("return_dict=True is not supported (graph mode returns tuples); read `(sample,)`")
 
 
 class FluxTransformerBlock(nn.Cell):
@@ -58,7 +62,7 @@ class FluxTransformerBlock(nn.Cell):
     def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
                   image_rotary_emb: Optional[RotaryEmbedding] = None,
                   joint_attention_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[Tensor, Tensor]:
-        check_no_attention_kwargs(joint_attention_kwargs)
+        check_call_options(joint_attention_kwargs)
         norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
         norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
             encoder_hidden_states, temb
@@ -89,7 +93,7 @@ class FluxSingleTransformerBlock(nn.Cell):
     def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
                   image_rotary_emb: Optional[RotaryEmbedding] = None,
                   joint_attention_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[Tensor, Tensor]:
-        check_no_attention_kwargs(joint_attention_kwargs)
+        check_call_options(joint_attention_kwargs)
         text_tokens = encoder_hidden_states.shape[1]
         residual = ops.cat([encoder_hidden_states, hidden_states], 1)
         norm_hidden, gate = self.norm(residual, temb)
@@ -98,6 +102,53 @@ class FluxSingleTransformerBlock(nn.Cell):
         joint = residual + gate[:, None] * self.proj_out(ops.cat([attn_output, mlp_hidden], 2))
         joint = clip_fp16(joint)
         return joint[:, :text_tokens], joint[:, text_tokens:]
+
+
+def embed_inputs(model, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
+                 timestep: Tensor, img_ids: Tensor, txt_ids: Tensor, guidance: Optional[Tensor]):
+    """Embed the inputs of a Flux forward: (image stream, text stream, conditioning, rotary embedding).
+
+    Uses only the contract attributes, so the plain and the cached forward share it on our model and on
+    mindone's. Timestep and guidance arrive in [0, 1] and are scaled by 1000, as diffusers does.
+    """
+    has_guidance_embedder = hasattr(model.time_text_embed, "guidance_embedder")
+    if has_guidance_embedder and guidance is None:
+        raise ValueError("this transformer has guidance_embeds=True (FLUX.1-dev): pass a `guidance` tensor")
+    if not has_guidance_embedder and guidance is not None:
+        raise ValueError("this transformer has no guidance embedding (FLUX.1-schnell): pass guidance=None")
+    dtype = model.x_embedder.weight.dtype
+    hidden_states = model.x_embedder(hidden_states.astype(dtype))
+    timestep = timestep.astype(dtype) * 1000
+    pooled_projections = pooled_projections.astype(dtype)
+    if guidance is None:
+        temb = model.time_text_embed(timestep, pooled_projections)
+    else:
+        temb = model.time_text_embed(timestep, guidance.astype(dtype) * 1000, pooled_projections)
+    encoder_hidden_states = model.context_embedder(encoder_hidden_states.astype(dtype))
+    if txt_ids.ndim == 3:
+        txt_ids = txt_ids[0]
+    if img_ids.ndim == 3:
+        img_ids = img_ids[0]
+    image_rotary_emb = model.pos_embed(ops.cat([txt_ids.astype(ms.float32), img_ids.astype(ms.float32)], 0))
+    return hidden_states, encoder_hidden_states, temb, image_rotary_emb
+
+
+def num_blocks(model) -> int:
+    """Double-stream then single-stream blocks form one sequence of blocks with one call contract."""
+    return len(model.transformer_blocks) + len(model.single_transformer_blocks)
+
+
+def run_blocks(model, start: int, end: int, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+               image_rotary_emb: RotaryEmbedding) -> Tuple[Tensor, Tensor]:
+    """Run blocks [start, end) of that sequence (compile-time ints); returns (text, image) streams."""
+    num_double = len(model.transformer_blocks)
+    for index in range(start, end):
+        if index < num_double:
+            block = model.transformer_blocks[index]
+        else:
+            block = model.single_transformer_blocks[index - num_double]
+        encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+    return encoder_hidden_states, hidden_states
 
 
 class FluxTransformer2DModel(ModelMixin, ConfigMixin):
@@ -132,12 +183,12 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
             )
         self.out_channels = out_channels or in_channels
         self.inner_dim = num_attention_heads * attention_head_dim
-        self.guidance_embeds = guidance_embeds
 
         self.pos_embed = FluxPosEmbed(theta=10000, axes_dim=axes_dims_rope)
-        self.time_text_embed = CombinedTimestepTextProjEmbeddings(
-            self.inner_dim, pooled_projection_dim, guidance_embeds
+        embedding_class = (
+            CombinedTimestepGuidanceTextProjEmbeddings if guidance_embeds else CombinedTimestepTextProjEmbeddings
         )
+        self.time_text_embed = embedding_class(self.inner_dim, pooled_projection_dim)
         self.context_embedder = nn.Dense(joint_attention_dim, self.inner_dim)
         self.x_embedder = nn.Dense(in_channels, self.inner_dim)
         self.transformer_blocks = nn.CellList(
@@ -170,30 +221,11 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
         return_dict: bool = False,
     ) -> Tuple[Tensor]:
         """Predict the flow for packed latents (batch, image_tokens, in_channels); returns `(sample,)`."""
-        if return_dict:
-            raise ValueError("return_dict=True is not supported (graph mode returns tuples); read `(sample,)`")
-        check_no_attention_kwargs(joint_attention_kwargs)
-        if self.guidance_embeds and guidance is None:
-            raise ValueError("this transformer has guidance_embeds=True (FLUX.1-dev): pass a `guidance` tensor")
-        if not self.guidance_embeds and guidance is not None:
-            raise ValueError("this transformer has no guidance embedding (FLUX.1-schnell): pass guidance=None")
-
-        dtype = self.x_embedder.weight.dtype
-        hidden_states = self.x_embedder(hidden_states.astype(dtype))
-        timestep = timestep.astype(dtype) * 1000
-        if guidance is not None:
-            guidance = guidance.astype(dtype) * 1000
-        temb = self.time_text_embed(timestep, guidance, pooled_projections.astype(dtype))
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states.astype(dtype))
-        if txt_ids.ndim == 3:
-            txt_ids = txt_ids[0]
-        if img_ids.ndim == 3:
-            img_ids = img_ids[0]
-        image_rotary_emb = self.pos_embed(ops.cat([txt_ids.astype(ms.float32), img_ids.astype(ms.float32)], 0))
-
-        for block in self.transformer_blocks:
-            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
-        for block in self.single_transformer_blocks:
-            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
-
+        check_call_options(joint_attention_kwargs, return_dict)
+        hidden_states, encoder_hidden_states, temb, image_rotary_emb = embed_inputs(
+            self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
+        )
+        encoder_hidden_states, hidden_states = run_blocks(
+            self, 0, num_blocks(self), hidden_states, encoder_hidden_states, temb, image_rotary_emb
+        )
         return (self.proj_out(self.norm_out(hidden_states, temb)),)

@@ -13,32 +13,15 @@ Bind before the first call: a compiled graph ignores a later change of `construc
 import types
 from typing import Any, Dict, Optional, Tuple
 
-import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
+from models.transformer_flux import check_call_options, embed_inputs, num_blocks, run_blocks
 from utils import CacheContext
 
 
-def _num_blocks(model) -> int:
-    return len(model.transformer_blocks) + len(model.single_transformer_blocks)
-
-
-def _run_blocks(model, start: int, end: int, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
-                image_rotary_emb) -> Tuple[Tensor, Tensor]:
-    """Blocks [start, end) of the double-then-single sequence (indices are compile-time ints)."""
-    num_double = len(model.transformer_blocks)
-    for index in range(start, end):
-        if index < num_double:
-            block = model.transformer_blocks[index]
-        else:
-            block = model.single_transformer_blocks[index - num_double]
-        encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
-    return encoder_hidden_states, hidden_states
-
-
 def _check_block_counts(model, context: CacheContext) -> None:
-    if context.fn_compute_blocks + context.bn_compute_blocks > _num_blocks(model):
-        raise ValueError(f"fn_compute_blocks + bn_compute_blocks must be <= {_num_blocks(model)} blocks, got "
+    if context.fn_compute_blocks + context.bn_compute_blocks > num_blocks(model):
+        raise ValueError(f"fn_compute_blocks + bn_compute_blocks must be <= {num_blocks(model)} blocks, got "
                          f"{context.fn_compute_blocks} + {context.bn_compute_blocks}")
 
 
@@ -54,46 +37,22 @@ def _check_call(model, context, hidden_states: Tensor, encoder_hidden_states: Te
     _check_block_counts(model, context)
 
 
-def _embed(model, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
-    """The model's input embeddings, as in its own construct (timestep and guidance scaled by 1000)."""
-    if model.guidance_embeds and guidance is None:
-        raise ValueError("this transformer has guidance_embeds=True (FLUX.1-dev): pass a `guidance` tensor")
-    if not model.guidance_embeds and guidance is not None:
-        raise ValueError("this transformer has no guidance embedding (FLUX.1-schnell): pass guidance=None")
-    dtype = model.x_embedder.weight.dtype
-    hidden_states = model.x_embedder(hidden_states.astype(dtype))
-    timestep = timestep.astype(dtype) * 1000
-    if guidance is not None:
-        guidance = guidance.astype(dtype) * 1000
-    temb = model.time_text_embed(timestep, guidance, pooled_projections.astype(dtype))
-    encoder_hidden_states = model.context_embedder(encoder_hidden_states.astype(dtype))
-    if txt_ids.ndim == 3:
-        txt_ids = txt_ids[0]
-    if img_ids.ndim == 3:
-        img_ids = img_ids[0]
-    image_rotary_emb = model.pos_embed(ops.cat([txt_ids.astype(ms.float32), img_ids.astype(ms.float32)], 0))
-    return hidden_states, encoder_hidden_states, temb, image_rotary_emb
-
-
 def FBCache_transformer_construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor,
                                   pooled_projections: Tensor, timestep: Tensor, img_ids: Tensor, txt_ids: Tensor,
                                   guidance: Optional[Tensor] = None,
                                   joint_attention_kwargs: Optional[Dict[str, Any]] = None,
                                   return_dict: bool = False) -> Tuple[Tensor]:
     """Cached Flux forward: one call is one denoising step of `self.fbcache_context`; returns `(sample,)`."""
-    if return_dict:
-        raise ValueError("return_dict=True is not supported (graph mode returns tuples); read `(sample,)`")
-    if joint_attention_kwargs is not None:
-        raise ValueError("joint_attention_kwargs are not supported by the FBCache forward; pass None")
+    check_call_options(joint_attention_kwargs, return_dict)
     context = self.fbcache_context
     first_end = context.fn_compute_blocks
-    middle_end = _num_blocks(self) - context.bn_compute_blocks
-    hidden_states, encoder_hidden_states, temb, rotary = _embed(
+    middle_end = num_blocks(self) - context.bn_compute_blocks
+    hidden_states, encoder_hidden_states, temb, rotary = embed_inputs(
         self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
     _check_call(self, context, hidden_states, encoder_hidden_states)
 
     probe_input = hidden_states
-    encoder_hidden_states, hidden_states = _run_blocks(
+    encoder_hidden_states, hidden_states = run_blocks(
         self, 0, first_end, hidden_states, encoder_hidden_states, temb, rotary)
     probe_residual = hidden_states - probe_input
     diff = context.probe_diff(probe_residual)
@@ -104,12 +63,12 @@ def FBCache_transformer_construct(self, hidden_states: Tensor, encoder_hidden_st
             encoder_hidden_states = encoder_hidden_states + context.text_residual
         context.update_on_hit()
     else:
-        middle_encoder, middle_hidden = _run_blocks(
+        middle_encoder, middle_hidden = run_blocks(
             self, first_end, middle_end, hidden_states, encoder_hidden_states, temb, rotary)
         context.update_on_miss(probe_residual, middle_hidden - hidden_states, middle_encoder - encoder_hidden_states)
         hidden_states, encoder_hidden_states = middle_hidden, middle_encoder
-    encoder_hidden_states, hidden_states = _run_blocks(
-        self, middle_end, _num_blocks(self), hidden_states, encoder_hidden_states, temb, rotary)
+    encoder_hidden_states, hidden_states = run_blocks(
+        self, middle_end, num_blocks(self), hidden_states, encoder_hidden_states, temb, rotary)
     context.finish_step(diff, cached)
     return (self.proj_out(self.norm_out(hidden_states, temb)),)
 

@@ -12,7 +12,8 @@ from mindspore import Tensor, nn
 
 from conftest import set_mode
 from models.transformer_flux import FluxTransformer2DModel
-from models.transformer_flux_withFBCache import _embed, enable_fbcache
+from models.transformer_flux import embed_inputs
+from models.transformer_flux_withFBCache import enable_fbcache
 from torch_reference import SMALL_CONFIG, make_inputs, relative_max_error, write_torch_checkpoint
 from utils import CacheContext
 
@@ -278,7 +279,7 @@ def reference_fbcache_step(model, state: dict, fn: int, bn: int, threshold: floa
     """Order-0 First-Block Cache written plainly in PyNative: blocks one by one, state in a dict."""
     tensors = {name: None if value is None else Tensor(value) for name, value in inputs.items()}
     tensors.update(hidden_states=Tensor(latents), timestep=Tensor(np.full(BATCH, sigma, np.float32)))
-    image, text, temb, rotary = _embed(model, **tensors)
+    image, text, temb, rotary = embed_inputs(model, **tensors)
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
     embedded = image.asnumpy()
     for block in blocks[:fn]:
@@ -352,5 +353,6 @@ def test_forward_rejects_shapes_other_than_the_context(checkpoint, mode):
     set_mode(mode)
     model, _ = cached_model(checkpoint)
     wrong = make_inputs(BATCH + 1, HEIGHT, WIDTH, TEXT, guidance=True).as_dict()
-    with pytest.raises(ValueError, match=r"expects \(batch, image tokens, inner dim\) \(1, 16, 32\), got \(2, 16, 32\)"):
+    expected = r"expects \(batch, image tokens, inner dim\) \(1, 16, 32\), got \(2, 16, 32\)"
+    with pytest.raises(ValueError, match=expected):
         ms_step(model, wrong)(wrong["hidden_states"], 1.0)
