@@ -124,13 +124,13 @@ class CacheContext(nn.Cell):
         self.warmup_steps = _scalar(0, ms.int32, "warmup_steps")
         self.max_cached_steps = _scalar(-1, ms.int32, "max_cached_steps")
         self.max_continuous_cached_steps = _scalar(-1, ms.int32, "max_continuous_cached_steps")
-        self.configure(threshold=residual_diff_threshold, taylorseer_derivative=taylorseer_derivative,
+        self.configure(residual_diff_threshold=residual_diff_threshold, taylorseer_derivative=taylorseer_derivative,
                        warmup_steps=warmup_steps, max_cached_steps=max_cached_steps,
                        max_continuous_cached_steps=max_continuous_cached_steps)
 
     # ----- host-side control (between generations) -----
 
-    def configure(self, threshold: Optional[float] = None, taylorseer_derivative: Optional[int] = None,
+    def configure(self, residual_diff_threshold: Optional[float] = None, taylorseer_derivative: Optional[int] = None,
                   warmup_steps: Optional[int] = None, max_cached_steps: Optional[int] = None,
                   max_continuous_cached_steps: Optional[int] = None) -> None:
         """Change settings in place (no recompile). Arguments left as None keep their value.
@@ -138,8 +138,8 @@ class CacheContext(nn.Cell):
         Call `reset()` before the next generation: changing the order mid-generation keeps the
         factors already computed.
         """
-        if threshold is not None:
-            _check_threshold(threshold)
+        if residual_diff_threshold is not None:
+            _check_threshold(residual_diff_threshold)
         if taylorseer_derivative is not None:
             _check_order(taylorseer_derivative)
         if warmup_steps is not None:
@@ -148,7 +148,7 @@ class CacheContext(nn.Cell):
                             ("max_continuous_cached_steps", max_continuous_cached_steps)):
             if value is not None:
                 _check_limit(name, value)
-        updates = ((self.threshold, threshold), (self.taylor_order, taylorseer_derivative),
+        updates = ((self.threshold, residual_diff_threshold), (self.taylor_order, taylorseer_derivative),
                    (self.warmup_steps, warmup_steps), (self.max_cached_steps, max_cached_steps),
                    (self.max_continuous_cached_steps, max_continuous_cached_steps))
         for param, value in updates:

@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
         print(f"  order {order}: (step, counterpart) times {[(round(a, 3), round(b, 3)) for a, b in pairs]}",
               flush=True)
     rows["computed step (cache miss)"] = median_pair(computed_pairs)
-    context.configure(threshold=0.05, warmup_steps=0)
+    context.configure(residual_diff_threshold=0.05, warmup_steps=0)
     generation(cached, context, tensors, steps, counterparts, steps)
 
     print(f"\n{header}\n")

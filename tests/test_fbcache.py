@@ -98,8 +98,8 @@ def f1_model(checkpoint):
 
 # ----- (a) no caching gives the uncached model -----
 
-@pytest.mark.parametrize("settings", [dict(threshold=0.0, warmup_steps=0),
-                                      dict(threshold=1e9, warmup_steps=STEPS)])
+@pytest.mark.parametrize("settings", [dict(residual_diff_threshold=0.0, warmup_steps=0),
+                                      dict(residual_diff_threshold=1e9, warmup_steps=STEPS)])
 def test_no_cache_settings_equal_uncached_model(f1_model, inputs, uncached_outputs, settings):
     model, context = f1_model
     context.configure(taylorseer_derivative=0, max_cached_steps=-1, max_continuous_cached_steps=-1, **settings)
@@ -141,7 +141,7 @@ DIFFUSERS_THRESHOLD = 0.3
 
 def test_matches_diffusers_first_block_cache(checkpoint, f1_model, inputs):
     model, context = f1_model
-    context.configure(threshold=DIFFUSERS_THRESHOLD, taylorseer_derivative=0, warmup_steps=0,
+    context.configure(residual_diff_threshold=DIFFUSERS_THRESHOLD, taylorseer_derivative=0, warmup_steps=0,
                       max_cached_steps=-1, max_continuous_cached_steps=-1)
     outputs, stats = generate(model, context, inputs)
     print(context.format_summary())
@@ -222,7 +222,7 @@ def test_orders_become_valid_one_per_computed_step():
 ])
 def test_guards_limit_cached_steps(f1_model, inputs, limits, expected):
     model, context = f1_model
-    settings = dict(threshold=1e9, taylorseer_derivative=0, warmup_steps=0, max_cached_steps=-1,
+    settings = dict(residual_diff_threshold=1e9, taylorseer_derivative=0, warmup_steps=0, max_cached_steps=-1,
                     max_continuous_cached_steps=-1)
     context.configure(**{**settings, **limits})
     _, stats = generate(model, context, inputs)
@@ -234,7 +234,7 @@ def test_guards_limit_cached_steps(f1_model, inputs, limits, expected):
 
 def generate_with(model, context: CacheContext, inputs, threshold: float, order: int):
     """Reconfigure in place, generate, and check the Taylor state the graph left is live."""
-    context.configure(threshold=threshold, taylorseer_derivative=order)
+    context.configure(residual_diff_threshold=threshold, taylorseer_derivative=order)
     outputs, stats = generate(model, context, inputs)
     assert int(context.valid_orders.asnumpy()) == min(stats["steps_computed"], order + 1)
     return outputs, stats
@@ -262,7 +262,7 @@ def test_reconfigure_and_reset_do_not_recompile_or_leak_state(f1_model, inputs):
 
 def test_graph_and_pynative_agree(f1_model, inputs):
     model, context = f1_model
-    context.configure(threshold=0.3, taylorseer_derivative=2, warmup_steps=0, max_cached_steps=-1,
+    context.configure(residual_diff_threshold=0.3, taylorseer_derivative=2, warmup_steps=0, max_cached_steps=-1,
                       max_continuous_cached_steps=-1)
     graph_outputs, graph_stats = generate(model, context, inputs)
     set_mode("pynative")
