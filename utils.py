@@ -247,12 +247,15 @@ class CacheContext(nn.Cell):
 
     def format_summary(self) -> str:
         """A printable table of the summary."""
-        stats = self.summary()
-        lines = [f"FBCache: {stats['steps']} steps, {stats['steps_computed']} computed, "
-                 f"{stats['steps_cached']} cached",
-                 f"{'step':>6} {'diff':>12} decision"]
-        for index, (diff, cached) in enumerate(zip(stats["diffs"], stats["cached"])):
-            lines.append(f"{index:>6} {diff:>12.6f} {'cached' if cached else 'computed'}")
-        lines.append("diff percentiles: " + ", ".join(
-            f"{name}={value:.6f}" for name, value in stats["diff_percentiles"].items()))
-        return "\n".join(lines)
+        return format_summary(self.summary())
+
+
+def format_summary(stats: Dict[str, object]) -> str:
+    """A printable table of a `CacheContext.summary()`."""
+    lines = [f"FBCache: {stats['steps']} steps, {stats['steps_computed']} computed, {stats['steps_cached']} cached",
+             f"{'step':>6} {'diff':>12} decision"]
+    for index, (diff, cached) in enumerate(zip(stats["diffs"], stats["cached"])):
+        lines.append(f"{index:>6} {diff:>12.6f} {'cached' if cached else 'computed'}")
+    lines.append("diff percentiles: " + ", ".join(
+        f"{name}={value:.6f}" for name, value in stats["diff_percentiles"].items()))
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ Bind before the first call: a compiled graph ignores a later change of `construc
 import types
 from typing import Any, Dict, Optional, Tuple
 
-from mindspore import Tensor
+from mindspore import Tensor, nn
 
 from models.transformer_flux import check_call_options, embed_inputs, num_blocks, run_blocks
 from utils import CacheContext
@@ -37,23 +37,19 @@ def _check_call(model, context, hidden_states: Tensor, encoder_hidden_states: Te
     _check_block_counts(model, context)
 
 
-def FBCache_transformer_construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor,
-                                  pooled_projections: Tensor, timestep: Tensor, img_ids: Tensor, txt_ids: Tensor,
-                                  guidance: Optional[Tensor] = None,
-                                  joint_attention_kwargs: Optional[Dict[str, Any]] = None,
-                                  return_dict: bool = False) -> Tuple[Tensor]:
-    """Cached Flux forward: one call is one denoising step of `self.fbcache_context`; returns `(sample,)`."""
-    check_call_options(joint_attention_kwargs, return_dict)
-    context = self.fbcache_context
+def cached_forward(model, context: CacheContext, hidden_states: Tensor, encoder_hidden_states: Tensor,
+                   pooled_projections: Tensor, timestep: Tensor, img_ids: Tensor, txt_ids: Tensor,
+                   guidance: Optional[Tensor] = None) -> Tuple[Tensor]:
+    """One denoising step of `model` under `context`; returns `(sample,)`."""
     first_end = context.fn_compute_blocks
-    middle_end = num_blocks(self) - context.bn_compute_blocks
+    middle_end = num_blocks(model) - context.bn_compute_blocks
     hidden_states, encoder_hidden_states, temb, rotary = embed_inputs(
-        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
-    _check_call(self, context, hidden_states, encoder_hidden_states)
+        model, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
+    _check_call(model, context, hidden_states, encoder_hidden_states)
 
     probe_input = hidden_states
     encoder_hidden_states, hidden_states = run_blocks(
-        self, 0, first_end, hidden_states, encoder_hidden_states, temb, rotary)
+        model, 0, first_end, hidden_states, encoder_hidden_states, temb, rotary)
     probe_residual = hidden_states - probe_input
     diff = context.probe_diff(probe_residual)
     cached = context.can_cache(diff)
@@ -64,13 +60,44 @@ def FBCache_transformer_construct(self, hidden_states: Tensor, encoder_hidden_st
         context.update_on_hit()
     else:
         middle_encoder, middle_hidden = run_blocks(
-            self, first_end, middle_end, hidden_states, encoder_hidden_states, temb, rotary)
+            model, first_end, middle_end, hidden_states, encoder_hidden_states, temb, rotary)
         context.update_on_miss(probe_residual, middle_hidden - hidden_states, middle_encoder - encoder_hidden_states)
         hidden_states, encoder_hidden_states = middle_hidden, middle_encoder
     encoder_hidden_states, hidden_states = run_blocks(
-        self, middle_end, num_blocks(self), hidden_states, encoder_hidden_states, temb, rotary)
+        model, middle_end, num_blocks(model), hidden_states, encoder_hidden_states, temb, rotary)
     context.finish_step(diff, cached)
-    return (self.proj_out(self.norm_out(hidden_states, temb)),)
+    return (model.proj_out(model.norm_out(hidden_states, temb)),)
+
+
+def FBCache_transformer_construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor,
+                                  pooled_projections: Tensor, timestep: Tensor, img_ids: Tensor, txt_ids: Tensor,
+                                  guidance: Optional[Tensor] = None,
+                                  joint_attention_kwargs: Optional[Dict[str, Any]] = None,
+                                  return_dict: bool = False) -> Tuple[Tensor]:
+    """Cached Flux forward to bind as `construct`: one call is one denoising step of
+    `self.fbcache_context`; returns `(sample,)`."""
+    check_call_options(joint_attention_kwargs, return_dict)
+    return cached_forward(self, self.fbcache_context, hidden_states, encoder_hidden_states, pooled_projections,
+                          timestep, img_ids, txt_ids, guidance)
+
+
+class FBCachedTransformer(nn.Cell):
+    """A transformer and one cache context as a Cell of its own.
+
+    A compiled graph keeps the context it was compiled with, so true CFG (one context per branch)
+    needs one compiled graph per context. Wrappers give that while sharing the transformer's weights.
+    """
+
+    def __init__(self, transformer, context: CacheContext):
+        super().__init__()
+        _check_block_counts(transformer, context)
+        self.transformer = transformer
+        self.context = context
+
+    def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
+                  timestep: Tensor, img_ids: Tensor, txt_ids: Tensor, guidance: Optional[Tensor] = None):
+        return cached_forward(self.transformer, self.context, hidden_states, encoder_hidden_states,
+                              pooled_projections, timestep, img_ids, txt_ids, guidance)
 
 
 def enable_fbcache(transformer, cache_context: CacheContext) -> None:

@@ -1,0 +1,300 @@
+"""FluxPipeline: Flux.1 text-to-image in MindSpore, with the First-Block Cache decided on the device.
+
+Follows diffusers' FluxPipeline (same arguments, packing, position ids, resolution-dependent scheduler
+shift, true CFG) so that a diffusers FLUX folder gives the same images. The cache differs from the
+reference example in the way that matters for graph mode: a compiled graph keeps the cache context
+it was compiled with, so contexts live as long as the pipeline, one per (CFG branch, batch, resolution,
+Fn/Bn), and every call resets and reconfigures them in place instead of creating new ones.
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+import mindspore as ms
+from mindone.diffusers import FlowMatchEulerDiscreteScheduler
+from mindone.transformers import CLIPTextModel, T5EncoderModel
+from transformers import CLIPTokenizer, T5TokenizerFast
+
+from models.loading import model_folder
+from models.transformer_flux import FluxTransformer2DModel
+from models.transformer_flux_withFBCache import FBCachedTransformer
+from models.vae import AutoencoderKL
+from utils import CacheContext
+
+PromptInput = Union[str, List[str]]
+ProgressCallback = Callable[[int, int, Dict[str, bool]], None]
+COMPONENT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass
+class FBCacheConfig:
+    """First-Block Cache settings of one call (see utils.CacheContext). `fn_compute_blocks` and
+    `bn_compute_blocks` shape the compiled graph; the others change without a recompile."""
+
+    residual_diff_threshold: float = 0.08
+    taylorseer_derivative: int = 0
+    warmup_steps: int = 0
+    max_cached_steps: int = -1
+    max_continuous_cached_steps: int = -1
+    fn_compute_blocks: int = 1
+    bn_compute_blocks: int = 0
+
+    def runtime_settings(self) -> dict:
+        settings = asdict(self)
+        del settings["fn_compute_blocks"], settings["bn_compute_blocks"]
+        return settings
+
+
+@dataclass
+class FluxPipelineOutput:
+    images: list
+    cache_summaries: Dict[str, dict] = field(default_factory=dict)
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's scheduler shift `mu`, linear in the number of image tokens (as diffusers)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+def pack_latents(latents: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 latent patch becomes one token."""
+    batch, channels, height, width = latents.shape
+    patches = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(tokens: ms.Tensor, height: int, width: int) -> ms.Tensor:
+    """Inverse of `pack_latents` for latent height and width (not pixels)."""
+    batch, _, packed_channels = tokens.shape
+    channels = packed_channels // 4
+    patches = tokens.reshape(batch, height // 2, width // 2, channels, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, channels, height, width)
+
+
+def latent_image_ids(height: int, width: int) -> np.ndarray:
+    """Position ids (0, row, column) of the packed latent tokens."""
+    ids = np.zeros((height, width, 3), np.float32)
+    ids[..., 1] = np.arange(height)[:, None]
+    ids[..., 2] = np.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def as_prompt_list(prompt: Optional[PromptInput], name: str) -> Optional[List[str]]:
+    if prompt is None:
+        return None
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(text, str) for text in prompts):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
+
+
+def to_pil(images: np.ndarray) -> List[Image.Image]:
+    return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+
+
+class FluxPipeline:
+    """Flux.1-dev (guidance embedding) and Flux.1-schnell text-to-image."""
+
+    def __init__(self, scheduler, vae: AutoencoderKL, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                 transformer):
+        self.scheduler = scheduler
+        self.vae = vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.transformer = transformer
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.tokenizer_max_length = tokenizer.model_max_length
+        self._cached_transformers: Dict[tuple, FBCachedTransformer] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str, mindspore_dtype: ms.Type = ms.float32) -> "FluxPipeline":
+        """Load every component of a diffusers FLUX folder, strictly (no silently random weights)."""
+        if mindspore_dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
+            raise ValueError("bfloat16 needs bf16 matmul, which MindSpore's CPU backend lacks: use float32 or "
+                             "float16 on CPU, bfloat16 on Ascend")
+        for name in COMPONENT_FOLDERS:
+            model_folder(path, name)
+        root = Path(path)
+        return cls(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(root / "scheduler")),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", mindspore_dtype=mindspore_dtype),
+            text_encoder=CLIPTextModel.from_pretrained(str(root / "text_encoder"), mindspore_dtype=mindspore_dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True),
+            text_encoder_2=T5EncoderModel.from_pretrained(str(root / "text_encoder_2"),
+                                                          mindspore_dtype=mindspore_dtype),
+            tokenizer_2=T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"), local_files_only=True),
+            transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                               mindspore_dtype=mindspore_dtype),
+        )
+
+    # ----- text -----
+
+    def encode_prompt(self, prompts: List[str], prompts_2: List[str], num_images_per_prompt: int,
+                      max_sequence_length: int) -> Tuple[ms.Tensor, ms.Tensor, ms.Tensor]:
+        """T5 token features, pooled CLIP features and text position ids (zeros), as diffusers."""
+        clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer_max_length,
+                                  truncation=True, return_tensors="np").input_ids
+        pooled = self.text_encoder(ms.Tensor(clip_ids), return_dict=False)[1]
+        t5_ids = self.tokenizer_2(prompts_2, padding="max_length", max_length=max_sequence_length,
+                                  truncation=True, return_tensors="np").input_ids
+        prompt_embeds = self.text_encoder_2(ms.Tensor(t5_ids), return_dict=False)[0]
+        dtype = self.transformer.x_embedder.weight.dtype
+        prompt_embeds = prompt_embeds.astype(dtype).repeat(num_images_per_prompt, axis=0)
+        pooled = pooled.astype(dtype).repeat(num_images_per_prompt, axis=0)
+        text_ids = ms.Tensor(np.zeros((max_sequence_length, 3), np.float32))
+        return prompt_embeds, pooled, text_ids
+
+    # ----- cache -----
+
+    def cached_transformer(self, branch: str, batch: int, image_tokens: int, text_tokens: int,
+                           cache: FBCacheConfig) -> FBCachedTransformer:
+        """The persistent cached transformer of one CFG branch and shape, reset and reconfigured."""
+        key = (branch, batch, image_tokens, text_tokens, cache.fn_compute_blocks, cache.bn_compute_blocks)
+        if key not in self._cached_transformers:
+            context = CacheContext(batch, image_tokens, self.transformer.inner_dim,
+                                   dtype=self.transformer.x_embedder.weight.dtype,
+                                   fn_compute_blocks=cache.fn_compute_blocks,
+                                   bn_compute_blocks=cache.bn_compute_blocks, text_seq_len=text_tokens)
+            self._cached_transformers[key] = FBCachedTransformer(self.transformer, context)
+        cached = self._cached_transformers[key]
+        cached.context.configure(**cache.runtime_settings())
+        cached.context.reset()
+        return cached
+
+    # ----- generation -----
+
+    def check_inputs(self, prompts, negative_prompts, height: int, width: int, num_inference_steps: int,
+                     max_sequence_length: int, num_images_per_prompt: int) -> None:
+        multiple = self.vae_scale_factor * 2
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise ValueError(f"height and width must be positive multiples of {multiple} (VAE downsampling "
+                             f"{self.vae_scale_factor} x 2x2 packing), got {height}x{width}")
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negative_prompts)} entries but prompt has {len(prompts)}; "
+                             "give one negative prompt per prompt (or a single string for all)")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"max_sequence_length must lie in [1, {MAX_SEQUENCE_LENGTH}], got {max_sequence_length}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+
+    def prepare_latents(self, batch: int, height: int, width: int, seed: Optional[int],
+                        latents: Optional[np.ndarray]) -> np.ndarray:
+        """Packed initial noise for latent size height x width: given, or drawn from `seed`."""
+        channels = self.transformer.config.in_channels // 4
+        expected = (batch, (height // 2) * (width // 2), channels * 4)
+        if latents is None:
+            noise = np.random.default_rng(seed).standard_normal((batch, channels, height, width))
+            return pack_latents(noise.astype(np.float32))
+        latents = np.asarray(latents, np.float32)
+        if latents.shape != expected:
+            raise ValueError(f"latents must be packed with shape {expected} for this size and batch, "
+                             f"got {latents.shape}")
+        return latents
+
+    def __call__(
+        self,
+        prompt: PromptInput,
+        prompt_2: Optional[PromptInput] = None,
+        negative_prompt: Optional[PromptInput] = None,
+        negative_prompt_2: Optional[PromptInput] = None,
+        true_cfg_scale: float = 1.0,
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        seed: Optional[int] = None,
+        latents: Optional[np.ndarray] = None,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        output_type: str = "pil",
+        cache: Optional[FBCacheConfig] = None,
+        callback: Optional[ProgressCallback] = None,
+    ) -> FluxPipelineOutput:
+        """Generate images. `cache=None` runs the uncached transformer. `callback(step, total, cached)`
+        is called after each step (`cached` maps branch -> whether that step used the cache; reading it
+        syncs the host, so only the callback pays for it). Returns images as PIL (`output_type="pil"`),
+        float arrays in [0, 1] (`"np"`) or packed latents (`"latent"`)."""
+        prompts = as_prompt_list(prompt, "prompt")
+        prompts_2 = as_prompt_list(prompt_2, "prompt_2") or prompts
+        negative_prompts = as_prompt_list(negative_prompt, "negative_prompt")
+        if negative_prompts is not None and len(negative_prompts) == 1 and len(prompts) > 1:
+            negative_prompts = negative_prompts * len(prompts)
+        self.check_inputs(prompts, negative_prompts, height, width, num_inference_steps, max_sequence_length,
+                          num_images_per_prompt)
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        do_true_cfg = true_cfg_scale > 1 and negative_prompts is not None
+        batch = len(prompts) * num_images_per_prompt
+
+        branches = {"cond": self.encode_prompt(prompts, prompts_2, num_images_per_prompt, max_sequence_length)}
+        if do_true_cfg:
+            negative_prompts_2 = as_prompt_list(negative_prompt_2, "negative_prompt_2") or negative_prompts
+            branches["uncond"] = self.encode_prompt(negative_prompts, negative_prompts_2, num_images_per_prompt,
+                                                    max_sequence_length)
+
+        latent_height, latent_width = height // self.vae_scale_factor, width // self.vae_scale_factor
+        packed = self.prepare_latents(batch, latent_height, latent_width, seed, latents)
+        image_ids = ms.Tensor(latent_image_ids(latent_height // 2, latent_width // 2))
+        image_tokens = packed.shape[1]
+        dtype = self.transformer.x_embedder.weight.dtype
+        latents_ms = ms.Tensor(packed).astype(dtype)
+
+        config = self.scheduler.config
+        mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist(),
+                                     mu=mu)
+        self.scheduler.set_begin_index(0)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = ms.Tensor(np.full(batch, guidance_scale, np.float32))
+
+        forwards = {
+            name: self.transformer if cache is None else
+            self.cached_transformer(name, batch, image_tokens, max_sequence_length, cache)
+            for name in branches
+        }
+        timesteps = self.scheduler.timesteps
+        for step in range(num_inference_steps):
+            t = timesteps[step]
+            timestep = t.broadcast_to((batch,)).astype(dtype) / 1000
+            predictions = {}
+            for name, (prompt_embeds, pooled, text_ids) in branches.items():
+                predictions[name] = forwards[name](latents_ms, prompt_embeds, pooled, timestep, image_ids,
+                                                   text_ids, guidance)[0]
+            noise_pred = predictions["cond"]
+            if do_true_cfg:
+                noise_pred = predictions["uncond"] + true_cfg_scale * (noise_pred - predictions["uncond"])
+            latents_ms = self.scheduler.step(noise_pred, t, latents_ms, return_dict=False)[0]
+            if callback is not None:
+                callback(step, num_inference_steps, {name: self._step_cached(forward, step)
+                                                     for name, forward in forwards.items()})
+
+        summaries = {name: forward.context.summary() for name, forward in forwards.items() if cache is not None}
+        if output_type == "latent":
+            return FluxPipelineOutput(images=list(latents_ms.asnumpy()), cache_summaries=summaries)
+        images = self.decode(latents_ms, latent_height, latent_width)
+        return FluxPipelineOutput(images=to_pil(images) if output_type == "pil" else list(images),
+                                  cache_summaries=summaries)
+
+    @staticmethod
+    def _step_cached(forward, step: int) -> bool:
+        if not isinstance(forward, FBCachedTransformer):
+            return False
+        return bool(forward.context.stats_cached.asnumpy()[step])
+
+    def decode(self, packed: ms.Tensor, latent_height: int, latent_width: int) -> np.ndarray:
+        """Packed latents -> images (batch, H, W, 3) in [0, 1], undoing the VAE's scale and shift."""
+        latents = unpack_latents(packed, latent_height, latent_width)
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae(latents.astype(self.vae.dtype)).astype(ms.float32).asnumpy()
+        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
