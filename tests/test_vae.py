@@ -241,3 +241,28 @@ def test_file_holding_only_encoder_weights_is_not_read(checkpoint, monkeypatch):
     model = AutoencoderKL.from_pretrained(str(checkpoint))
     assert read == ["shard-1.safetensors"]
     assert (model.decoder.conv_out.bias.asnumpy() == decoder["decoder.conv_out.bias"]).all()
+
+
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+def test_deeper_config_without_mid_attention(tmp_path, mode):
+    """Three up blocks (two upsamplers, 4x), two layers per block as in FLUX, a shortcut conv in every
+    channel change, and the mid block without attention (`attentions` has no weights then)."""
+    set_mode(mode)
+    folder = write_torch_vae(tmp_path, seed=2, block_out_channels=(32, 32, 64), layers_per_block=2,
+                             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                             mid_block_add_attention=False)
+    latents = make_latents(seed=2, shape=(1, 16, 3, 5))
+    model = AutoencoderKL.from_pretrained(str(folder), subfolder="vae")
+    assert not any(".attentions." in name for name, _ in model.parameters_and_names())
+    actual = ms_decode(model, latents)
+    assert actual.shape == (1, 3, 12, 20)
+    error = relative_max_error(actual, torch_decode(folder, latents))
+    print(f"VAE fp32 {mode} deeper, no mid attention: relative max error {error:.2e}")
+    assert error <= FP32_TOLERANCE
+
+
+def test_unsupported_config_is_refused():
+    with pytest.raises(ValueError, match="act_fn 'gelu'"):
+        AutoencoderKL(**{**SMALL_VAE_CONFIG, "act_fn": "gelu"})
+    with pytest.raises(ValueError, match="only UpDecoderBlock2D"):
+        AutoencoderKL(**{**SMALL_VAE_CONFIG, "up_block_types": ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")})
