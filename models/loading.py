@@ -130,19 +130,27 @@ def check_weights_match(expected: Dict[str, Tuple[int, ...]], stored: StoredTens
             )
 
 
+def without_ignored(stored: StoredTensors, ignored_prefixes: Tuple[str, ...]) -> StoredTensors:
+    return {name: entry for name, entry in stored.items() if not name.startswith(ignored_prefixes)}
+
+
 def load_pretrained(cls: Type[ModelT], path: str, subfolder: Optional[str],
-                    mindspore_dtype: Optional[ms.Type], required_keys: Tuple[str, ...] = ()) -> ModelT:
+                    mindspore_dtype: Optional[ms.Type], required_keys: Tuple[str, ...] = (),
+                    ignored_prefixes: Tuple[str, ...] = ()) -> ModelT:
     """Build `cls` from a diffusers folder's config and load every weight, cast to `mindspore_dtype`.
 
     Weights are cast tensor by tensor while loading, so a bf16 checkpoint loaded as bf16 never takes
     fp32 host memory. Defaults to fp32, like diffusers' `from_pretrained` without `torch_dtype`.
+    Stored weights whose names start with one of `ignored_prefixes` (a VAE's encoder, for a
+    decoder-only model) are neither loaded nor reported as unexpected; a file holding only such
+    weights is never read. A model parameter with such a prefix is still required.
     """
     dtype = ms.float32 if mindspore_dtype is None else mindspore_dtype
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"mindspore_dtype must be one of {SUPPORTED_DTYPES}, got {mindspore_dtype}")
     folder = model_folder(path, subfolder)
     config = read_config(folder, cls.__name__, required_keys)
-    stored = stored_tensors(weight_files(folder))
+    stored = without_ignored(stored_tensors(weight_files(folder)), tuple(ignored_prefixes))
     with no_init_parameters():
         model = cls.from_config(config)
     expected = {name: tuple(param.shape) for name, param in model.parameters_and_names()}
@@ -151,7 +159,11 @@ def load_pretrained(cls: Type[ModelT], path: str, subfolder: Optional[str],
     for param in model.get_parameters():
         param.set_dtype(dtype)
     for file in sorted({file for _, file in stored.values()}):
-        tensors = {name: Parameter(value.astype(dtype), name=name) for name, value in load_file(str(file)).items()}
+        tensors = {
+            name: Parameter(value.astype(dtype), name=name)
+            for name, value in load_file(str(file)).items()
+            if name in stored
+        }
         ms.load_param_into_net(model, tensors, strict_load=True)
     model.register_to_config(_name_or_path=str(path))
     model.set_train(False)
