@@ -1,0 +1,145 @@
+"""FluxPipeline against diffusers' torch FluxPipeline on the project's own small pipeline checkpoint."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.demo_checkpoint import write_pipeline_checkpoint
+from pipeline_flux import FBCacheConfig, FluxPipeline, pack_latents
+from torch_reference import relative_max_error
+
+HEIGHT, WIDTH = 128, 96
+STEPS = 4
+TEXT_TOKENS = 32
+PROMPT = "a small red fox in the snow"
+NEGATIVE = "blurry"
+# Text encoders, transformer, scheduler and VAE each agree to ~1e-6..1e-5 in fp32; four steps of the
+# loop compound them (measured ~1e-5 on the image).
+IMAGE_BOUND = 1e-4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_pipeline_checkpoint(tmp_path_factory.mktemp("pipeline"), "demo", seed=0)
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    return FluxPipeline.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def theirs(folder):
+    from diffusers import FluxPipeline as TorchFluxPipeline
+
+    return TorchFluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+
+
+def initial_latents(pipeline: FluxPipeline, height=HEIGHT, width=WIDTH, batch=1, seed=0) -> np.ndarray:
+    channels = pipeline.transformer.config.in_channels // 4
+    shape = (batch, channels, height // pipeline.vae_scale_factor, width // pipeline.vae_scale_factor)
+    return pack_latents(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def run_ours(pipeline, latents, cache=None, **kwargs):
+    height, width = kwargs.pop("height", HEIGHT), kwargs.pop("width", WIDTH)
+    return pipeline(PROMPT, height=height, width=width, num_inference_steps=STEPS, latents=latents,
+                    max_sequence_length=TEXT_TOKENS, output_type="np", cache=cache, **kwargs)
+
+
+def run_theirs(pipeline, latents, **kwargs):
+    with torch.no_grad():
+        images = pipeline(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+                          latents=torch.from_numpy(latents), max_sequence_length=TEXT_TOKENS, output_type="np",
+                          **kwargs).images
+    return np.asarray(images)
+
+
+def test_uncached_images_match_diffusers(ours, theirs):
+    latents = initial_latents(ours)
+    output = run_ours(ours, latents)
+    reference = run_theirs(theirs, latents)
+    images = np.stack(output.images)
+    assert images.shape == reference.shape == (1, HEIGHT, WIDTH, 3)
+    assert images.std() > 0.01, "the image should not be flat"
+    assert relative_max_error(images, reference) <= IMAGE_BOUND
+    assert output.cache_summaries == {}
+
+
+def test_true_cfg_matches_diffusers(ours, theirs):
+    latents = initial_latents(ours, seed=1)
+    output = run_ours(ours, latents, negative_prompt=NEGATIVE, true_cfg_scale=2.5)
+    reference = run_theirs(theirs, latents, negative_prompt=NEGATIVE, true_cfg_scale=2.5)
+    assert relative_max_error(np.stack(output.images), reference) <= IMAGE_BOUND
+    without_cfg = np.stack(run_ours(ours, latents).images)
+    assert relative_max_error(without_cfg, reference) > 1e-2, "true CFG must change the image"
+
+
+def first_block_cache_threshold(ours, latents) -> float:
+    """A threshold between the probe diffs of this loop, so that both hits and misses occur."""
+    diffs = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=0.0)).cache_summaries["cond"]["diffs"]
+    finite = sorted(diff for diff in diffs if np.isfinite(diff))
+    return float((finite[0] + finite[-1]) / 2)
+
+
+def test_first_block_cache_matches_diffusers_hook(ours, theirs):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    latents = initial_latents(ours, seed=2)
+    threshold = first_block_cache_threshold(ours, latents)
+    output = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=threshold))
+    summary = output.cache_summaries["cond"]
+    assert 0 < summary["steps_cached"] < STEPS, summary
+    theirs.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        reference = run_theirs(theirs, latents)
+    finally:
+        theirs.transformer.disable_cache()
+    assert relative_max_error(np.stack(output.images), reference) <= IMAGE_BOUND
+    uncached = np.stack(run_ours(ours, latents).images)
+    assert relative_max_error(uncached, reference) > IMAGE_BOUND, "the cache must have changed something"
+
+
+def test_true_cfg_keeps_one_cache_per_branch(ours):
+    latents = initial_latents(ours, seed=3)
+    output = run_ours(ours, latents, negative_prompt=NEGATIVE, true_cfg_scale=2.0,
+                      cache=FBCacheConfig(residual_diff_threshold=0.0))
+    assert set(output.cache_summaries) == {"cond", "uncond"}
+    cond, uncond = output.cache_summaries["cond"]["diffs"], output.cache_summaries["uncond"]["diffs"]
+    assert len(cond) == len(uncond) == STEPS and cond[1:] != uncond[1:]
+
+
+def test_repeated_calls_and_resolution_switching_are_reproducible(ours):
+    cache = FBCacheConfig(residual_diff_threshold=0.5, taylorseer_derivative=1)
+    small = dict(height=64, width=64)
+    first = run_ours(ours, initial_latents(ours), cache=cache)
+    other = run_ours(ours, initial_latents(ours, **small), cache=cache, **small)
+    again = run_ours(ours, initial_latents(ours), cache=cache)
+    np.testing.assert_array_equal(np.stack(first.images), np.stack(again.images))
+    assert first.cache_summaries == again.cache_summaries
+    assert np.stack(other.images).shape == (1, 64, 64, 3)
+    keys = [key for key in ours._cached_transformers if key[0] == "cond"]
+    assert len({key[2] for key in keys}) >= 2, "one persistent context per resolution"
+    compiled = [len(cached.compile_cache) for cached in ours._cached_transformers.values()]
+    assert max(compiled) == 1, "each (branch, shape) context compiles once"
+
+
+def test_seeded_noise_is_reproducible_and_pil_output(ours):
+    images = [ours(PROMPT, height=64, width=64, num_inference_steps=1, seed=7, max_sequence_length=TEXT_TOKENS)
+              .images[0] for _ in range(2)]
+    assert images[0].size == (64, 64)
+    np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(height=100), "multiples of 16"),
+    (dict(negative_prompt=["a", "b"], true_cfg_scale=2.0), "negative_prompt has 2 entries but prompt has 1"),
+    (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
+    (dict(max_sequence_length=513), "max_sequence_length"),
+    (dict(output_type="jpeg"), "output_type"),
+    (dict(latents=np.zeros((1, 5, 64), np.float32)), "latents must be packed with shape"),
+])
+def test_bad_arguments_are_refused(ours, kwargs, message):
+    arguments = dict(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=1, max_sequence_length=TEXT_TOKENS)
+    with pytest.raises(ValueError, match=message):
+        ours(**{**arguments, **kwargs})
