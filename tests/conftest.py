@@ -1,5 +1,11 @@
 """Shared fixtures: MindSpore execution mode and the MindSpore side of parity comparisons."""
 
+import os
+
+# No model hub here: tokenizers and models must load from local folders only. Set before
+# huggingface_hub is first imported (it reads the variable once, at import).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 from typing import Dict, Optional
 
 import numpy as np

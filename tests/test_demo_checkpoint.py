@@ -38,6 +38,7 @@ def test_weights_are_seeded(tmp_path):
 def test_existing_checkpoint_is_reused(tmp_path, capsys):
     folder = ensure_demo_checkpoint(tmp_path / "demo")
     assert "RANDOM-WEIGHT" in capsys.readouterr().out
+    assert (folder / "model_index.json").is_file() and (folder / "vae" / "config.json").is_file()
     stamp = (folder / "transformer" / "config.json").stat().st_mtime_ns
     ensure_demo_checkpoint(tmp_path / "demo")
     assert (folder / "transformer" / "config.json").stat().st_mtime_ns == stamp
