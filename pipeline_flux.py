@@ -20,6 +20,7 @@ from mindone.transformers import CLIPTextModel, T5EncoderModel
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 from models.loading import model_folder
+from models.t5_position_buckets import use_exact_t5_position_buckets
 from models.transformer_flux import FluxTransformer2DModel
 from models.transformer_flux_withFBCache import FBCachedTransformer
 from models.vae import AutoencoderKL
@@ -121,6 +122,7 @@ class FluxPipeline:
                              "float16 on CPU, bfloat16 on Ascend")
         for name in COMPONENT_FOLDERS:
             model_folder(path, name)
+        use_exact_t5_position_buckets()
         root = Path(path)
         return cls(
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(root / "scheduler")),

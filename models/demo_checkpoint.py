@@ -181,7 +181,8 @@ def clip_byte_vocabulary() -> Tuple[Dict[str, int], List[Tuple[str, str]]]:
 
 
 def write_clip_tokenizer(folder: Path) -> int:
-    """Write `<folder>/tokenizer/` (vocab.json, merges.txt, configs) for transformers' CLIPTokenizer; returns vocab size."""
+    """Write `<folder>/tokenizer/` (vocab.json, merges.txt, configs) for transformers' CLIPTokenizer;
+    returns the vocabulary size."""
     vocab, merges = clip_byte_vocabulary()
     target = Path(folder) / "tokenizer"
     write_json(target / "vocab.json", vocab, sort_keys=False)
@@ -237,7 +238,8 @@ def write_t5_tokenizer(folder: Path) -> int:
 
 
 def clip_text_config(transformer_config: dict, vocab_size: int):
-    """CLIP-L's text config shrunk: hidden size = the transformer's pooled_projection_dim (FLUX uses the pooled output)."""
+    """CLIP-L's text config shrunk: hidden size = the transformer's pooled_projection_dim (FLUX uses the
+    pooled output)."""
     from transformers import CLIPTextConfig
 
     hidden = transformer_config["pooled_projection_dim"]
@@ -306,7 +308,8 @@ def write_scheduler_config(folder: Path) -> Path:
 def write_model_index(folder: Path) -> Path:
     """Write `<folder>/model_index.json`: FluxPipeline and the (library, class) of each component."""
     content = {name: list(entry) for name, entry in PIPELINE_COMPONENTS.items()}
-    write_json(Path(folder) / "model_index.json", dict(content, _class_name="FluxPipeline", _diffusers_version="0.30.0"))
+    content.update(_class_name="FluxPipeline", _diffusers_version="0.30.0")
+    write_json(Path(folder) / "model_index.json", content)
     return Path(folder)
 
 
@@ -337,6 +340,9 @@ def ensure_demo_checkpoint(folder: Path, name: str = "demo", seed: int = 0) -> P
     """
     folder = Path(folder)
     if folder.exists():
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder} exists but is not a complete pipeline checkpoint (no model_index.json; "
+                                    "older versions wrote only transformer/): delete it to have it recreated")
         return folder
     print(f"Creating the '{name}' checkpoint at {folder}: a small RANDOM-WEIGHT Flux pipeline for "
           "demonstration and tests, not FLUX.1.", flush=True)

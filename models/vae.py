@@ -232,7 +232,9 @@ class AutoencoderKL(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         if act_fn not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"act_fn {act_fn!r} is not supported by the portable VAE; use one of {SUPPORTED_ACTIVATIONS}")
+            raise ValueError(
+                f"act_fn {act_fn!r} is not supported by the portable VAE; use one of {SUPPORTED_ACTIVATIONS}"
+            )
         unsupported = [kind for kind in up_block_types if kind != "UpDecoderBlock2D"]
         if unsupported:
             raise ValueError(f"up_block_types {unsupported} are not supported; only UpDecoderBlock2D is")

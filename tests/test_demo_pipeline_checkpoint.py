@@ -21,6 +21,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from conftest import set_mode
 from models.demo_checkpoint import TRANSFORMER_CONFIGS, VAE_CONFIG, write_pipeline_checkpoint
+from models.t5_position_buckets import relative_position_bucket, use_exact_t5_position_buckets
 from torch_reference import relative_max_error
 
 PROMPTS = ["a photo of the cat", "A red dog and a blue painting, 3 cats!"]
@@ -30,9 +31,8 @@ WEIGHT_FILES = {
     "text_encoder": "model.safetensors",
     "text_encoder_2": "model.safetensors",
 }
-# Longest T5 sequence whose relative distances (< 16) all fall in T5's exact buckets; see
-# test_mindone_t5_long_sequences_differ_only_by_relative_position_buckets.
-T5_EXACT_BUCKET_TOKENS = 16
+# Taken at import, before any test installs the exact buckets on mindone's class.
+MINDONE_RELATIVE_POSITION_BUCKET = mindone_t5.T5Attention._relative_position_bucket
 
 
 @pytest.fixture(scope="module")
@@ -118,54 +118,36 @@ def mindone_t5_and_reference(folder):
     return model, reference
 
 
-def test_mindone_t5_matches_transformers_within_exact_buckets(folder):
-    """mindone's T5 encoder (graph mode, fp32; PyNative has no CPU Embedding kernel) on a 16-token prompt."""
-    ids = t5_ids(folder, T5_EXACT_BUCKET_TOKENS)
+@pytest.mark.parametrize("bidirectional,num_buckets,max_distance", [(True, 32, 128), (False, 32, 128), (True, 16, 64)])
+def test_exact_position_buckets_equal_transformers(bidirectional, num_buckets, max_distance):
+    distances = torch.arange(-600, 600)
+    expected = T5Attention._relative_position_bucket(distances, bidirectional, num_buckets, max_distance)
+    ours = relative_position_bucket(ms.Tensor(distances.numpy()), bidirectional, num_buckets, max_distance)
+    np.testing.assert_array_equal(ours.asnumpy(), expected.numpy())
+
+
+def test_mindones_own_buckets_are_off_at_16_32_64():
+    """Why models/t5_position_buckets.py exists: mindone's buckets, taken through MindSpore's CPU `log`,
+    truncate distances 16, 32 and 64 one bucket low. When this fails, MindSpore's `log` was fixed and
+    the replacement is no longer needed (it stays correct either way)."""
+    distances = torch.arange(-600, 600)
+    expected = T5Attention._relative_position_bucket(distances, True, 32, 128).numpy()
+    theirs = MINDONE_RELATIVE_POSITION_BUCKET(ms.Tensor(distances.numpy()), True, 32, 128).asnumpy()
+    assert distances.numpy()[theirs != expected].tolist() == [-64, -32, -16, 16, 32, 64]
+
+
+@pytest.mark.parametrize("tokens", [16, 64])
+def test_mindone_t5_with_exact_buckets_matches_transformers(folder, tokens):
+    """mindone's T5 encoder (graph mode, fp32; PyNative has no CPU Embedding kernel), short and long."""
+    use_exact_t5_position_buckets()
+    ids = t5_ids(folder, tokens)
     model, reference = mindone_t5_and_reference(folder)
     hidden = model(ms.Tensor(ids))[0].asnumpy()
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).last_hidden_state.numpy()
     error = relative_max_error(hidden, expected)
-    print(f"T5 last_hidden_state ({T5_EXACT_BUCKET_TOKENS} tokens): relative max error {error:.2e}")
+    print(f"T5 last_hidden_state ({tokens} tokens): relative max error {error:.2e}")
     assert error <= 1e-4
-
-
-def mindone_buckets(relative_position: torch.Tensor, bidirectional=True, num_buckets=32, max_distance=128):
-    """transformers' T5 bucket function replaced by mindone's, so the reference uses mindone's buckets."""
-    buckets = mindone_t5.T5Attention._relative_position_bucket(
-        ms.Tensor(relative_position.numpy()), bidirectional=bidirectional, num_buckets=num_buckets,
-        max_distance=max_distance)
-    return torch.from_numpy(buckets.asnumpy().astype(np.int64))
-
-
-def test_mindone_t5_long_sequences_differ_only_by_relative_position_buckets(folder, monkeypatch):
-    """A KNOWN mindone/MindSpore-CPU defect, pinned down rather than hidden.
-
-    T5 buckets a relative distance d >= 8 as 8 + int(log(d / 8) / log(128 / 8) * 8). For d = 16, 32, 64
-    the exact value is an integer (2, 4, 6); MindSpore's CPU `ops.log` is a few ulps off (log 16 =
-    2.7725880 instead of 2.7725887), the quotient lands just below the integer and truncates one bucket
-    lower than torch's. Every T5 sequence longer than 16 tokens (FLUX uses 512) is affected. This test
-    fails once mindone/MindSpore fixes it: then extend the parity test above to long sequences.
-    """
-    distances = torch.arange(-600, 600)
-    torch_buckets = T5Attention._relative_position_bucket(distances, True, 32, 128)
-    differ = distances[torch_buckets != mindone_buckets(distances)].tolist()
-    assert differ == [-64, -32, -16, 16, 32, 64]
-
-    ids = t5_ids(folder, 64)
-    model, reference = mindone_t5_and_reference(folder)
-    hidden = model(ms.Tensor(ids))[0].asnumpy()
-    with torch.no_grad():
-        expected = reference(torch.tensor(ids)).last_hidden_state.numpy()
-    error_real = relative_max_error(hidden, expected)
-    monkeypatch.setattr(T5Attention, "_relative_position_bucket", staticmethod(mindone_buckets))
-    with torch.no_grad():
-        expected_with_mindone_buckets = reference(torch.tensor(ids)).last_hidden_state.numpy()
-    error_same_buckets = relative_max_error(hidden, expected_with_mindone_buckets)
-    print(f"T5 64 tokens: relative max error {error_real:.2e} against transformers, "
-          f"{error_same_buckets:.2e} when transformers uses mindone's buckets")
-    assert error_real > 1e-3
-    assert error_same_buckets <= 1e-4
 
 
 def test_torch_flux_pipeline_runs_end_to_end(torch_pipeline):
