@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 import mindspore as ms
+from mindspore import ops
 from mindone.diffusers import FlowMatchEulerDiscreteScheduler
 from mindone.transformers import CLIPTextModel, T5EncoderModel
 from transformers import CLIPTokenizer, T5TokenizerFast
@@ -127,10 +128,9 @@ class FluxPipeline:
         return cls(
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(root / "scheduler")),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae", mindspore_dtype=mindspore_dtype),
-            text_encoder=CLIPTextModel.from_pretrained(str(root / "text_encoder"), mindspore_dtype=mindspore_dtype),
+            text_encoder=CLIPTextModel.from_pretrained(str(root / "text_encoder"), dtype=mindspore_dtype),
             tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True),
-            text_encoder_2=T5EncoderModel.from_pretrained(str(root / "text_encoder_2"),
-                                                          mindspore_dtype=mindspore_dtype),
+            text_encoder_2=T5EncoderModel.from_pretrained(str(root / "text_encoder_2"), dtype=mindspore_dtype),
             tokenizer_2=T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"), local_files_only=True),
             transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
                                                                mindspore_dtype=mindspore_dtype),
@@ -148,8 +148,8 @@ class FluxPipeline:
                                   truncation=True, return_tensors="np").input_ids
         prompt_embeds = self.text_encoder_2(ms.Tensor(t5_ids), return_dict=False)[0]
         dtype = self.transformer.x_embedder.weight.dtype
-        prompt_embeds = prompt_embeds.astype(dtype).repeat(num_images_per_prompt, axis=0)
-        pooled = pooled.astype(dtype).repeat(num_images_per_prompt, axis=0)
+        prompt_embeds = ops.repeat_interleave(prompt_embeds.astype(dtype), num_images_per_prompt, 0)
+        pooled = ops.repeat_interleave(pooled.astype(dtype), num_images_per_prompt, 0)
         text_ids = ms.Tensor(np.zeros((max_sequence_length, 3), np.float32))
         return prompt_embeds, pooled, text_ids
 

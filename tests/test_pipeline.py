@@ -28,11 +28,15 @@ def ours(folder):
     return FluxPipeline.from_pretrained(str(folder))
 
 
-@pytest.fixture(scope="module")
-def theirs(folder):
+def load_theirs(folder):
     from diffusers import FluxPipeline as TorchFluxPipeline
 
     return TorchFluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def theirs(folder):
+    return load_theirs(folder)
 
 
 def initial_latents(pipeline: FluxPipeline, height=HEIGHT, width=WIDTH, batch=1, seed=0) -> np.ndarray:
@@ -82,7 +86,7 @@ def first_block_cache_threshold(ours, latents) -> float:
     return float((finite[0] + finite[-1]) / 2)
 
 
-def test_first_block_cache_matches_diffusers_hook(ours, theirs):
+def test_first_block_cache_matches_diffusers_hook(folder, ours):
     from diffusers.hooks import FirstBlockCacheConfig
 
     latents = initial_latents(ours, seed=2)
@@ -90,11 +94,11 @@ def test_first_block_cache_matches_diffusers_hook(ours, theirs):
     output = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=threshold))
     summary = output.cache_summaries["cond"]
     assert 0 < summary["steps_cached"] < STEPS, summary
+    # A fresh pipeline: diffusers 0.38 caches a model's child hook registries at its first call, so a
+    # cache enabled after a call never receives the "cond" context (ValueError: No context is set).
+    theirs = load_theirs(folder)
     theirs.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    try:
-        reference = run_theirs(theirs, latents)
-    finally:
-        theirs.transformer.disable_cache()
+    reference = run_theirs(theirs, latents)
     assert relative_max_error(np.stack(output.images), reference) <= IMAGE_BOUND
     uncached = np.stack(run_ours(ours, latents).images)
     assert relative_max_error(uncached, reference) > IMAGE_BOUND, "the cache must have changed something"
@@ -116,7 +120,7 @@ def test_repeated_calls_and_resolution_switching_are_reproducible(ours):
     other = run_ours(ours, initial_latents(ours, **small), cache=cache, **small)
     again = run_ours(ours, initial_latents(ours), cache=cache)
     np.testing.assert_array_equal(np.stack(first.images), np.stack(again.images))
-    assert first.cache_summaries == again.cache_summaries
+    np.testing.assert_equal(first.cache_summaries, again.cache_summaries)
     assert np.stack(other.images).shape == (1, 64, 64, 3)
     keys = [key for key in ours._cached_transformers if key[0] == "cond"]
     assert len({key[2] for key in keys}) >= 2, "one persistent context per resolution"

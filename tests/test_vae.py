@@ -205,7 +205,8 @@ def test_misshaped_decoder_weight(checkpoint):
         tensors["decoder.conv_in.weight"] = tensors["decoder.conv_in.weight"][:, :8]
 
     rewrite_weights(checkpoint, shrink)
-    with pytest.raises(CheckpointError, match=r"decoder\.conv_in\.weight .* has shape \[64, 8, 3, 3\].*\[64, 16, 3, 3\]"):
+    expected = r"decoder\.conv_in\.weight .* has shape \[64, 8, 3, 3\].*\[64, 16, 3, 3\]"
+    with pytest.raises(CheckpointError, match=expected):
         AutoencoderKL.from_pretrained(str(checkpoint))
 
 
