@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     defaults = FLUX_DEFAULTS if args.ckpt else DEMO_DEFAULTS
     args.image_size = tuple(args.image_size or defaults["image_size"])
-    args.num_inference_steps = args.num_inference_steps or defaults["num_inference_steps"]
+    if args.num_inference_steps is None:
+        args.num_inference_steps = defaults["num_inference_steps"]
     if any(side <= 0 or side % 16 for side in args.image_size):
         parser.error(f"--image_size must be positive multiples of 16 (8x VAE downsampling, 2x2 packing), "
                      f"got {args.image_size[0]} {args.image_size[1]}")
