@@ -15,12 +15,14 @@ import numpy as np
 from PIL import Image
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
+from mindone.diffusers import AutoencoderKL as MindoneAutoencoderKL
 from mindone.diffusers import FlowMatchEulerDiscreteScheduler
+from mindone.diffusers import FluxTransformer2DModel as MindoneFluxTransformer
 from mindone.transformers import CLIPTextModel, T5EncoderModel
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from models.loading import model_folder
+from models.loading import check_weights_match, model_folder, stored_tensors, weight_files
 from models.t5_position_buckets import use_exact_t5_position_buckets
 from models.transformer_flux import FluxTransformer2DModel
 from models.transformer_flux_withFBCache import FBCachedTransformer
@@ -101,6 +103,27 @@ def to_pil(images: np.ndarray) -> List[Image.Image]:
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
 
+def load_mindone_model(cls, path: str, subfolder: str, dtype: ms.Type):
+    """mindone's loader only warns about missing or unexpected weights; check them against the files."""
+    model = cls.from_pretrained(path, subfolder=subfolder, mindspore_dtype=dtype)
+    folder = model_folder(path, subfolder)
+    expected = {name: tuple(param.shape) for name, param in model.parameters_and_names()}
+    check_weights_match(expected, stored_tensors(weight_files(folder)), folder)
+    return model
+
+
+class MindoneVAEDecoder(nn.Cell):
+    """mindone's AutoencoderKL behind the portable decoder's interface: calling it decodes latents."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.config = vae.config
+
+    def construct(self, latents: ms.Tensor) -> ms.Tensor:
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
 class FluxPipeline:
     """Flux.1-dev (guidance embedding) and Flux.1-schnell text-to-image."""
 
@@ -111,13 +134,20 @@ class FluxPipeline:
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.transformer = transformer
+        self.dtype = transformer.x_embedder.weight.dtype
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.tokenizer_max_length = tokenizer.model_max_length
         self._cached_transformers: Dict[tuple, FBCachedTransformer] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str, mindspore_dtype: ms.Type = ms.float32) -> "FluxPipeline":
-        """Load every component of a diffusers FLUX folder, strictly (no silently random weights)."""
+    def from_pretrained(cls, path: str, mindspore_dtype: ms.Type = ms.float32,
+                        use_mindone_models: bool = False) -> "FluxPipeline":
+        """Load every component of a diffusers FLUX folder, strictly (no silently random weights).
+
+        `use_mindone_models` takes mindone's own FluxTransformer2DModel and AutoencoderKL (Ascend
+        kernels; they do not run on MindSpore's CPU backend) instead of the portable ones; the cached
+        forward binds onto either, and their weights are checked against the files just as strictly.
+        """
         if mindspore_dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
             raise ValueError("bfloat16 needs bf16 matmul, which MindSpore's CPU backend lacks: use float32 or "
                              "float16 on CPU, bfloat16 on Ascend")
@@ -125,15 +155,21 @@ class FluxPipeline:
             model_folder(path, name)
         use_exact_t5_position_buckets()
         root = Path(path)
+        if use_mindone_models:
+            transformer = load_mindone_model(MindoneFluxTransformer, path, "transformer", mindspore_dtype)
+            vae = MindoneVAEDecoder(load_mindone_model(MindoneAutoencoderKL, path, "vae", mindspore_dtype))
+        else:
+            transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                                 mindspore_dtype=mindspore_dtype)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", mindspore_dtype=mindspore_dtype)
         return cls(
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(root / "scheduler")),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", mindspore_dtype=mindspore_dtype),
+            vae=vae,
             text_encoder=CLIPTextModel.from_pretrained(str(root / "text_encoder"), dtype=mindspore_dtype),
             tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True),
             text_encoder_2=T5EncoderModel.from_pretrained(str(root / "text_encoder_2"), dtype=mindspore_dtype),
             tokenizer_2=T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"), local_files_only=True),
-            transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
-                                                               mindspore_dtype=mindspore_dtype),
+            transformer=transformer,
         )
 
     # ----- text -----
@@ -147,9 +183,8 @@ class FluxPipeline:
         t5_ids = self.tokenizer_2(prompts_2, padding="max_length", max_length=max_sequence_length,
                                   truncation=True, return_tensors="np").input_ids
         prompt_embeds = self.text_encoder_2(ms.Tensor(t5_ids), return_dict=False)[0]
-        dtype = self.transformer.x_embedder.weight.dtype
-        prompt_embeds = ops.repeat_interleave(prompt_embeds.astype(dtype), num_images_per_prompt, 0)
-        pooled = ops.repeat_interleave(pooled.astype(dtype), num_images_per_prompt, 0)
+        prompt_embeds = ops.repeat_interleave(prompt_embeds.astype(self.dtype), num_images_per_prompt, 0)
+        pooled = ops.repeat_interleave(pooled.astype(self.dtype), num_images_per_prompt, 0)
         text_ids = ms.Tensor(np.zeros((max_sequence_length, 3), np.float32))
         return prompt_embeds, pooled, text_ids
 
@@ -161,7 +196,7 @@ class FluxPipeline:
         key = (branch, batch, image_tokens, text_tokens, cache.fn_compute_blocks, cache.bn_compute_blocks)
         if key not in self._cached_transformers:
             context = CacheContext(batch, image_tokens, self.transformer.inner_dim,
-                                   dtype=self.transformer.x_embedder.weight.dtype,
+                                   dtype=self.dtype,
                                    fn_compute_blocks=cache.fn_compute_blocks,
                                    bn_compute_blocks=cache.bn_compute_blocks, text_seq_len=text_tokens)
             self._cached_transformers[key] = FBCachedTransformer(self.transformer, context)
@@ -247,8 +282,7 @@ class FluxPipeline:
         packed = self.prepare_latents(batch, latent_height, latent_width, seed, latents)
         image_ids = ms.Tensor(latent_image_ids(latent_height // 2, latent_width // 2))
         image_tokens = packed.shape[1]
-        dtype = self.transformer.x_embedder.weight.dtype
-        latents_ms = ms.Tensor(packed).astype(dtype)
+        latents_ms = ms.Tensor(packed).astype(self.dtype)
 
         config = self.scheduler.config
         mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
@@ -268,7 +302,7 @@ class FluxPipeline:
         timesteps = self.scheduler.timesteps
         for step in range(num_inference_steps):
             t = timesteps[step]
-            timestep = t.broadcast_to((batch,)).astype(dtype) / 1000
+            timestep = t.broadcast_to((batch,)).astype(self.dtype) / 1000
             predictions = {}
             for name, (prompt_embeds, pooled, text_ids) in branches.items():
                 predictions[name] = forwards[name](latents_ms, prompt_embeds, pooled, timestep, image_ids,
@@ -298,5 +332,5 @@ class FluxPipeline:
         """Packed latents -> images (batch, H, W, 3) in [0, 1], undoing the VAE's scale and shift."""
         latents = unpack_latents(packed, latent_height, latent_width)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae(latents.astype(self.vae.dtype)).astype(ms.float32).asnumpy()
+        image = self.vae(latents.astype(self.dtype)).astype(ms.float32).asnumpy()
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device_target", choices=["CPU", "GPU", "Ascend"], default="CPU")
+    parser.add_argument("--mindone_models", action="store_true",
+                        help="mindone's FluxTransformer2DModel and AutoencoderKL (Ascend) instead of the portable "
+                             "models")
     args = parser.parse_args(argv)
 
     defaults = FLUX_DEFAULTS if args.ckpt else DEMO_DEFAULTS
@@ -71,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtype == "bfloat16" and args.device_target == "CPU":
         parser.error("--dtype bfloat16 needs bf16 matmul, which MindSpore's CPU backend lacks: use float32 or "
                      "float16 on CPU (bfloat16 on Ascend)")
+    if args.mindone_models and args.device_target == "CPU":
+        parser.error("--mindone_models: mindone's Flux transformer and VAE need kernels MindSpore's CPU backend "
+                     "lacks; use them with --device_target Ascend, or drop the flag for the portable models")
     if args.negative_prompt and len(args.negative_prompt) not in (1, len(args.prompt)):
         parser.error(f"--negative_prompt has {len(args.negative_prompt)} entries for {len(args.prompt)} prompts: "
                      "give one, or one per prompt")
@@ -142,7 +148,8 @@ def main(argv=None) -> None:
     if not args.ckpt:
         print(f"Using the embedded demo checkpoint {folder}: RANDOM weights, not FLUX.1 (give --ckpt for real "
               "images).", flush=True)
-    pipeline = FluxPipeline.from_pretrained(str(folder), mindspore_dtype=DTYPES[args.dtype])
+    pipeline = FluxPipeline.from_pretrained(str(folder), mindspore_dtype=DTYPES[args.dtype],
+                                            use_mindone_models=args.mindone_models)
 
     runs = []
     if args.compare_baseline or args.no_cache:

@@ -56,6 +56,7 @@ def test_baseline_comparison_true_cfg_and_every_cache_flag(folder, tmp_path):
     (["--taylorseer_derivative", "7"], "--taylorseer_derivative must lie in"),
     (["--num_inference_steps", "0"], "--num_inference_steps must be >= 1"),
     (["--no_cache", "--compare_baseline"], "exclude each other"),
+    (["--mindone_models"], "need kernels MindSpore's CPU backend lacks"),
 ])
 def test_bad_arguments_are_refused_before_any_work(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

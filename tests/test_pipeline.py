@@ -1,10 +1,14 @@
 """FluxPipeline against diffusers' torch FluxPipeline on the project's own small pipeline checkpoint."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file, save_file
 
 from models.demo_checkpoint import write_pipeline_checkpoint
+from models.loading import CheckpointError
 from pipeline_flux import FBCacheConfig, FluxPipeline, pack_latents
 from torch_reference import relative_max_error
 
@@ -147,3 +151,28 @@ def test_bad_arguments_are_refused(ours, kwargs, message):
     arguments = dict(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=1, max_sequence_length=TEXT_TOKENS)
     with pytest.raises(ValueError, match=message):
         ours(**{**arguments, **kwargs})
+
+
+def test_mindone_models_load_strictly_and_take_the_cached_forward(folder, tmp_path):
+    """The Ascend option, as far as MindSpore's CPU backend allows: construction, strict loading,
+    binding of the cached forward (mindone's forward itself needs Ascend kernels)."""
+    from mindone.diffusers import AutoencoderKL as MindoneAutoencoderKL
+    from mindone.diffusers import FluxTransformer2DModel as MindoneFluxTransformer
+    from models.transformer_flux_withFBCache import FBCachedTransformer
+
+    pipeline = FluxPipeline.from_pretrained(str(folder), use_mindone_models=True)
+    assert isinstance(pipeline.transformer, MindoneFluxTransformer)
+    assert isinstance(pipeline.vae.vae, MindoneAutoencoderKL) and pipeline.vae_scale_factor == 8
+    cached = pipeline.cached_transformer("cond", 1, 48, TEXT_TOKENS, FBCacheConfig(taylorseer_derivative=2))
+    assert isinstance(cached, FBCachedTransformer) and cached.transformer is pipeline.transformer
+    assert cached.context.inner_dim == pipeline.transformer.inner_dim
+    assert int(cached.context.taylor_order.asnumpy()) == 2
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["proj_out.bias"]
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match="lacks 1 weight.*proj_out.bias"):
+        FluxPipeline.from_pretrained(str(broken), use_mindone_models=True)
