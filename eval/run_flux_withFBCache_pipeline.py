@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import mindspore as ms  # noqa: E402
 
-from models.demo_checkpoint import ensure_demo_checkpoint  # noqa: E402
+from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
 from pipeline_flux import FBCacheConfig, FluxPipeline  # noqa: E402
 from utils import MAX_TAYLOR_ORDER, format_summary  # noqa: E402
@@ -30,6 +30,8 @@ FLUX_DEFAULTS = {"image_size": (1024, 1024), "num_inference_steps": 28}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="diffusers-format FLUX folder; default: the embedded demo checkpoint")
+    parser.add_argument("--demo_config", choices=sorted(TRANSFORMER_CONFIGS), default="demo",
+                        help="which embedded random-weight checkpoint to use without --ckpt ('mid' is larger)")
     parser.add_argument("--prompt", nargs="+", default=["A cat holding a sign that says hello world"],
                         help="one or more prompts")
     parser.add_argument("--negative_prompt", nargs="+",
@@ -144,7 +146,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_writable(args.save_path)
     ms.set_context(mode=ms.GRAPH_MODE if args.use_graph_mode else ms.PYNATIVE_MODE, device_target=args.device_target)
-    folder = args.ckpt or ensure_demo_checkpoint(REPO_ROOT / "checkpoints" / "flux-demo")
+    folder = args.ckpt or ensure_demo_checkpoint(REPO_ROOT / "checkpoints" / f"flux-{args.demo_config}",
+                                                 args.demo_config)
     if not args.ckpt:
         print(f"Using the embedded demo checkpoint {folder}: RANDOM weights, not FLUX.1 (give --ckpt for real "
               "images).", flush=True)
