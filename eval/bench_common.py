@@ -8,6 +8,8 @@ import numpy as np
 
 import mindspore as ms
 
+from pipeline_flux import latent_image_ids
+
 
 def flux_inputs(config: dict, image_size: Tuple[int, int], text_tokens: int, batch_size: int,
                 seed: int = 0) -> Dict[str, Optional[np.ndarray]]:
@@ -15,15 +17,12 @@ def flux_inputs(config: dict, image_size: Tuple[int, int], text_tokens: int, bat
     (8x VAE downsampling, 2x2 packing: one token per 16x16 pixels)."""
     rng = np.random.default_rng(seed)
     rows, cols = image_size[0] // 16, image_size[1] // 16
-    img_ids = np.zeros((rows, cols, 3), np.float32)
-    img_ids[..., 1] = np.arange(rows)[:, None]
-    img_ids[..., 2] = np.arange(cols)[None, :]
     inputs = dict(
         hidden_states=rng.standard_normal((batch_size, rows * cols, config["in_channels"])),
         encoder_hidden_states=rng.standard_normal((batch_size, text_tokens, config["joint_attention_dim"])),
         pooled_projections=rng.standard_normal((batch_size, config["pooled_projection_dim"])),
         timestep=np.full(batch_size, 0.5),
-        img_ids=img_ids.reshape(-1, 3),
+        img_ids=latent_image_ids(rows, cols),
         txt_ids=np.zeros((text_tokens, 3)),
         guidance=np.full(batch_size, 3.5) if config.get("guidance_embeds") else None,
     )
