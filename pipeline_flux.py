@@ -207,12 +207,14 @@ class FluxPipeline:
 
     # ----- generation -----
 
-    def check_inputs(self, prompts, negative_prompts, height: int, width: int, num_inference_steps: int,
-                     max_sequence_length: int, num_images_per_prompt: int) -> None:
+    def check_inputs(self, prompts, prompts_2, negative_prompts, height: int, width: int,
+                     num_inference_steps: int, max_sequence_length: int, num_images_per_prompt: int) -> None:
         multiple = self.vae_scale_factor * 2
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple} (VAE downsampling "
                              f"{self.vae_scale_factor} x 2x2 packing), got {height}x{width}")
+        if len(prompts_2) != len(prompts):
+            raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}; give one per prompt")
         if negative_prompts is not None and len(negative_prompts) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negative_prompts)} entries but prompt has {len(prompts)}; "
                              "give one negative prompt per prompt (or a single string for all)")
@@ -265,7 +267,7 @@ class FluxPipeline:
         negative_prompts = as_prompt_list(negative_prompt, "negative_prompt")
         if negative_prompts is not None and len(negative_prompts) == 1 and len(prompts) > 1:
             negative_prompts = negative_prompts * len(prompts)
-        self.check_inputs(prompts, negative_prompts, height, width, num_inference_steps, max_sequence_length,
+        self.check_inputs(prompts, prompts_2, negative_prompts, height, width, num_inference_steps, max_sequence_length,
                           num_images_per_prompt)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")

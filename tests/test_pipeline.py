@@ -142,6 +142,7 @@ def test_seeded_noise_is_reproducible_and_pil_output(ours):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(height=100), "multiples of 16"),
     (dict(negative_prompt=["a", "b"], true_cfg_scale=2.0), "negative_prompt has 2 entries but prompt has 1"),
+    (dict(prompt_2=["a", "b"]), "prompt_2 has 2 entries but prompt has 1"),
     (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
     (dict(max_sequence_length=513), "max_sequence_length"),
     (dict(output_type="jpeg"), "output_type"),
