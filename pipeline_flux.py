@@ -214,7 +214,8 @@ class FluxPipeline:
             raise ValueError(f"height and width must be positive multiples of {multiple} (VAE downsampling "
                              f"{self.vae_scale_factor} x 2x2 packing), got {height}x{width}")
         if len(prompts_2) != len(prompts):
-            raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}; give one per prompt")
+            raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}; "
+                             "give one per prompt")
         if negative_prompts is not None and len(negative_prompts) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negative_prompts)} entries but prompt has {len(prompts)}; "
                              "give one negative prompt per prompt (or a single string for all)")
