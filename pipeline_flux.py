@@ -172,21 +172,32 @@ class FluxPipeline:
             transformer=transformer,
         )
 
+    def compiled_graphs(self) -> int:
+        """Graphs compiled so far by all components, one per (cell, input signature). Lets a caller check
+        that a new threshold, Taylor order or repeated call compiled nothing (benchmarks report it)."""
+        cells = [self.text_encoder, self.text_encoder_2, self.transformer, self.vae,
+                 *self._cached_transformers.values()]
+        return sum(len(cell.compile_cache) for cell in cells)
+
     # ----- text -----
 
-    def encode_prompt(self, prompts: List[str], prompts_2: List[str], num_images_per_prompt: int,
-                      max_sequence_length: int) -> Tuple[ms.Tensor, ms.Tensor, ms.Tensor]:
-        """T5 token features, pooled CLIP features and text position ids (zeros), as diffusers."""
+    def encode_prompt(self, prompts: List[str], prompts_2: List[str],
+                      max_sequence_length: int) -> Tuple[ms.Tensor, ms.Tensor]:
+        """T5 token features and pooled CLIP features of each prompt, as diffusers computes them. They can
+        be passed back as `prompt_embeds` / `pooled_prompt_embeds` to reuse them across calls."""
         clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer_max_length,
                                   truncation=True, return_tensors="np").input_ids
         pooled = self.text_encoder(ms.Tensor(clip_ids), return_dict=False)[1]
         t5_ids = self.tokenizer_2(prompts_2, padding="max_length", max_length=max_sequence_length,
                                   truncation=True, return_tensors="np").input_ids
-        prompt_embeds = self.text_encoder_2(ms.Tensor(t5_ids), return_dict=False)[0]
+        return self.text_encoder_2(ms.Tensor(t5_ids), return_dict=False)[0], pooled
+
+    def text_conditioning(self, prompt_embeds: ms.Tensor, pooled: ms.Tensor,
+                          num_images_per_prompt: int) -> Tuple[ms.Tensor, ms.Tensor, ms.Tensor]:
+        """The transformer's text inputs: features repeated per image, and text position ids (zeros)."""
         prompt_embeds = ops.repeat_interleave(prompt_embeds.astype(self.dtype), num_images_per_prompt, 0)
         pooled = ops.repeat_interleave(pooled.astype(self.dtype), num_images_per_prompt, 0)
-        text_ids = ms.Tensor(np.zeros((max_sequence_length, 3), np.float32))
-        return prompt_embeds, pooled, text_ids
+        return prompt_embeds, pooled, ms.Tensor(np.zeros((prompt_embeds.shape[1], 3), np.float32))
 
     # ----- cache -----
 
@@ -207,17 +218,33 @@ class FluxPipeline:
 
     # ----- generation -----
 
-    def check_inputs(self, prompts, prompts_2, negative_prompts, height: int, width: int,
+    def check_prompt_embeds(self, prompt, prompt_2, prompt_embeds: Optional[ms.Tensor],
+                            pooled_prompt_embeds: Optional[ms.Tensor]) -> None:
+        if prompt_embeds is None and pooled_prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("give a prompt, or prompt_embeds and pooled_prompt_embeds from encode_prompt")
+            return
+        if prompt is not None or prompt_2 is not None:
+            raise ValueError("give either prompt (and prompt_2) or prompt_embeds, not both")
+        if prompt_embeds is None or pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds and pooled_prompt_embeds go together (both come from encode_prompt)")
+        config = self.transformer.config
+        shape, pooled_shape = tuple(prompt_embeds.shape), tuple(pooled_prompt_embeds.shape)
+        if len(shape) != 3 or shape[2] != config.joint_attention_dim or not 1 <= shape[1] <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"prompt_embeds must have shape (prompts, text tokens <= {MAX_SEQUENCE_LENGTH}, "
+                             f"{config.joint_attention_dim}), got {shape}")
+        if pooled_shape != (shape[0], config.pooled_projection_dim):
+            raise ValueError(f"pooled_prompt_embeds must have shape ({shape[0]}, {config.pooled_projection_dim}) "
+                             f"to match prompt_embeds, got {pooled_shape}")
+
+    def check_inputs(self, prompt_count: int, negative_prompts, height: int, width: int,
                      num_inference_steps: int, max_sequence_length: int, num_images_per_prompt: int) -> None:
         multiple = self.vae_scale_factor * 2
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple} (VAE downsampling "
                              f"{self.vae_scale_factor} x 2x2 packing), got {height}x{width}")
-        if len(prompts_2) != len(prompts):
-            raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}; "
-                             "give one per prompt")
-        if negative_prompts is not None and len(negative_prompts) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negative_prompts)} entries but prompt has {len(prompts)}; "
+        if negative_prompts is not None and len(negative_prompts) != prompt_count:
+            raise ValueError(f"negative_prompt has {len(negative_prompts)} entries but prompt has {prompt_count}; "
                              "give one negative prompt per prompt (or a single string for all)")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -242,7 +269,7 @@ class FluxPipeline:
 
     def __call__(
         self,
-        prompt: PromptInput,
+        prompt: Optional[PromptInput] = None,
         prompt_2: Optional[PromptInput] = None,
         negative_prompt: Optional[PromptInput] = None,
         negative_prompt_2: Optional[PromptInput] = None,
@@ -258,28 +285,40 @@ class FluxPipeline:
         output_type: str = "pil",
         cache: Optional[FBCacheConfig] = None,
         callback: Optional[ProgressCallback] = None,
+        prompt_embeds: Optional[ms.Tensor] = None,
+        pooled_prompt_embeds: Optional[ms.Tensor] = None,
     ) -> FluxPipelineOutput:
         """Generate images. `cache=None` runs the uncached transformer. `callback(step, total, cached)`
         is called after each step (`cached` maps branch -> whether that step used the cache; reading it
         syncs the host, so only the callback pays for it). Returns images as PIL (`output_type="pil"`),
-        float arrays in [0, 1] (`"np"`) or packed latents (`"latent"`)."""
+        float arrays in [0, 1] (`"np"`) or packed latents (`"latent"`). `prompt_embeds` and
+        `pooled_prompt_embeds` (from `encode_prompt`) replace `prompt` / `prompt_2`."""
+        self.check_prompt_embeds(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds)
         prompts = as_prompt_list(prompt, "prompt")
         prompts_2 = as_prompt_list(prompt_2, "prompt_2") or prompts
+        prompt_count = len(prompts) if prompts else prompt_embeds.shape[0]
         negative_prompts = as_prompt_list(negative_prompt, "negative_prompt")
-        if negative_prompts is not None and len(negative_prompts) == 1 and len(prompts) > 1:
-            negative_prompts = negative_prompts * len(prompts)
-        self.check_inputs(prompts, prompts_2, negative_prompts, height, width, num_inference_steps, max_sequence_length,
+        if negative_prompts is not None and len(negative_prompts) == 1 and prompt_count > 1:
+            negative_prompts = negative_prompts * prompt_count
+        negative_prompts_2 = as_prompt_list(negative_prompt_2, "negative_prompt_2") or negative_prompts
+        for name, texts, count in (("prompt_2", prompts_2, prompts), ("negative_prompt_2", negative_prompts_2,
+                                                                       negative_prompts)):
+            if texts is not None and len(texts) != len(count):
+                raise ValueError(f"{name} has {len(texts)} entries but {name[:-2]} has {len(count)}; give one per "
+                                 f"{name[:-2]}")
+        self.check_inputs(prompt_count, negative_prompts, height, width, num_inference_steps, max_sequence_length,
                           num_images_per_prompt)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         do_true_cfg = true_cfg_scale > 1 and negative_prompts is not None
-        batch = len(prompts) * num_images_per_prompt
+        batch = prompt_count * num_images_per_prompt
 
-        branches = {"cond": self.encode_prompt(prompts, prompts_2, num_images_per_prompt, max_sequence_length)}
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompts, prompts_2, max_sequence_length)
+        branches = {"cond": self.text_conditioning(prompt_embeds, pooled_prompt_embeds, num_images_per_prompt)}
         if do_true_cfg:
-            negative_prompts_2 = as_prompt_list(negative_prompt_2, "negative_prompt_2") or negative_prompts
-            branches["uncond"] = self.encode_prompt(negative_prompts, negative_prompts_2, num_images_per_prompt,
-                                                    max_sequence_length)
+            branches["uncond"] = self.text_conditioning(
+                *self.encode_prompt(negative_prompts, negative_prompts_2, max_sequence_length), num_images_per_prompt)
 
         latent_height, latent_width = height // self.vae_scale_factor, width // self.vae_scale_factor
         packed = self.prepare_latents(batch, latent_height, latent_width, seed, latents)
@@ -299,8 +338,8 @@ class FluxPipeline:
 
         forwards = {
             name: self.transformer if cache is None else
-            self.cached_transformer(name, batch, image_tokens, max_sequence_length, cache)
-            for name in branches
+            self.cached_transformer(name, batch, image_tokens, text_ids.shape[0], cache)
+            for name, (_, _, text_ids) in branches.items()
         }
         timesteps = self.scheduler.timesteps
         for step in range(num_inference_steps):

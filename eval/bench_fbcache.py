@@ -17,37 +17,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import mindspore as ms  # noqa: E402
-from mindspore import nn  # noqa: E402
 
-from eval.bench_common import flux_inputs, time_calls, timed, to_mindspore  # noqa: E402
+from eval.bench_common import AlwaysComputedPart, flux_inputs, time_calls, timed, to_mindspore  # noqa: E402
 from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
-from models.transformer_flux import FluxTransformer2DModel, embed_inputs, num_blocks, run_blocks  # noqa: E402
+from models.transformer_flux import FluxTransformer2DModel  # noqa: E402
 from models.transformer_flux_withFBCache import enable_fbcache  # noqa: E402
 from utils import MAX_TAYLOR_ORDER, CacheContext  # noqa: E402
 
 FORCED_HIT_THRESHOLD = 1e9
-
-
-class AlwaysComputedPart(nn.Cell):
-    """The part of a cached step that no cache can skip: embeddings, first Fn and last Bn blocks, head."""
-
-    def __init__(self, model, fn_compute_blocks: int, bn_compute_blocks: int):
-        super().__init__()
-        self.model = model
-        self.fn, self.bn = fn_compute_blocks, bn_compute_blocks
-
-    def construct(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                  guidance=None):
-        model = self.model
-        hidden_states, encoder_hidden_states, temb, rotary = embed_inputs(
-            model, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
-        end = num_blocks(model)
-        encoder_hidden_states, hidden_states = run_blocks(
-            model, 0, self.fn, hidden_states, encoder_hidden_states, temb, rotary)
-        encoder_hidden_states, hidden_states = run_blocks(
-            model, end - self.bn, end, hidden_states, encoder_hidden_states, temb, rotary)
-        return (model.proj_out(model.norm_out(hidden_states, temb)),)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

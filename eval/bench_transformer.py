@@ -1,8 +1,8 @@
 """Time one Flux transformer forward pass in MindSpore GRAPH and PYNATIVE mode (and diffusers/torch eager).
 
 With no arguments it runs on the embedded demo checkpoint (a small random-weight model it creates on
-first use). `--config mid` uses a larger random-weight configuration (4 double + 8 single blocks,
-hidden 512) and `--ckpt` any diffusers-format FLUX folder. Prints a Markdown table; `--json` saves it.
+first use). `--config mid` uses a larger random-weight configuration (3 double + 6 single blocks,
+hidden 1024) and `--ckpt` any diffusers-format FLUX folder. Prints a Markdown table; `--json` saves it.
 """
 
 import argparse

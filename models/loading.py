@@ -105,7 +105,8 @@ def stored_tensors(files: List[Path]) -> StoredTensors:
     return stored
 
 
-def _listed(keys: List[str]) -> str:
+def listed_names(keys: List[str]) -> str:
+    """Sorted names for an error message, cut after MAX_LISTED_KEYS (a foreign checkpoint lists thousands)."""
     shown = ", ".join(sorted(keys)[:MAX_LISTED_KEYS])
     more = len(keys) - MAX_LISTED_KEYS
     return shown + (f" and {more} more" if more > 0 else "")
@@ -114,11 +115,11 @@ def _listed(keys: List[str]) -> str:
 def check_weights_match(expected: Dict[str, Tuple[int, ...]], stored: StoredTensors, folder: Path) -> None:
     missing = [name for name in expected if name not in stored]
     if missing:
-        raise CheckpointError(f"{folder} lacks {len(missing)} weight(s) the model needs: {_listed(missing)}")
+        raise CheckpointError(f"{folder} lacks {len(missing)} weight(s) the model needs: {listed_names(missing)}")
     unexpected = [f"{name} (in {stored[name][1].name})" for name in stored if name not in expected]
     if unexpected:
         raise CheckpointError(
-            f"{folder} holds {len(unexpected)} weight(s) this model does not have: {_listed(unexpected)}; "
+            f"{folder} holds {len(unexpected)} weight(s) this model does not have: {listed_names(unexpected)}; "
             "is config.json the one these weights were saved with?"
         )
     for name, shape in expected.items():

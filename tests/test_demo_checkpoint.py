@@ -1,12 +1,15 @@
 """The project's own seeded checkpoints are real diffusers checkpoints: diffusers loads them and agrees."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.numpy import load_file
 
 from conftest import ms_forward
+from eval import bench_transformer
 from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint, write_transformer_checkpoint
 from models.transformer_flux import FluxTransformer2DModel
 from torch_reference import make_inputs, relative_max_error, torch_forward
@@ -45,6 +48,15 @@ def test_existing_checkpoint_is_reused(tmp_path, capsys):
     assert not (tmp_path / "demo.partial").exists()
 
 
+def test_checkpoint_of_an_older_configuration_is_refused(tmp_path):
+    folder = ensure_demo_checkpoint(tmp_path / "demo")
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(dict(config, num_layers=config["num_layers"] + 1)))
+    with pytest.raises(FileNotFoundError, match=r"older 'demo' configuration \(num_layers differ\).*delete it"):
+        ensure_demo_checkpoint(folder)
+
+
 def run_bench(*args):
     return subprocess.run([sys.executable, str(REPO_ROOT / "eval" / "bench_transformer.py"), *args],
                           capture_output=True, text=True, timeout=600)
@@ -60,8 +72,9 @@ def test_bench_script_runs_on_a_checkpoint_and_writes_json(tmp_path):
     assert (tmp_path / "bench.json").is_file()
 
 
-def test_bench_script_rejects_bad_input(tmp_path):
-    result = run_bench("--ckpt", str(tmp_path / "missing"))
-    assert result.returncode != 0 and "does not exist" in result.stderr
-    result = run_bench("--ckpt", str(tmp_path), "--image_size", "100", "64")
-    assert result.returncode != 0 and "multiples of 16" in result.stderr
+def test_bench_script_rejects_bad_input(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bench_transformer.main(["--ckpt", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_transformer.parse_args(["--ckpt", str(tmp_path), "--image_size", "100", "64"])
+    assert exit_info.value.code != 0 and "multiples of 16" in capsys.readouterr().err

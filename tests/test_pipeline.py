@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
+import mindspore as ms
+
 from models.demo_checkpoint import write_pipeline_checkpoint
 from models.loading import CheckpointError
 from pipeline_flux import FBCacheConfig, FluxPipeline, pack_latents
@@ -122,7 +124,9 @@ def test_repeated_calls_and_resolution_switching_are_reproducible(ours):
     small = dict(height=64, width=64)
     first = run_ours(ours, initial_latents(ours), cache=cache)
     other = run_ours(ours, initial_latents(ours, **small), cache=cache, **small)
+    compiled_before = ours.compiled_graphs()
     again = run_ours(ours, initial_latents(ours), cache=cache)
+    assert ours.compiled_graphs() == compiled_before, "a repeated call compiles nothing"
     np.testing.assert_array_equal(np.stack(first.images), np.stack(again.images))
     np.testing.assert_equal(first.cache_summaries, again.cache_summaries)
     assert np.stack(other.images).shape == (1, 64, 64, 3)
@@ -130,6 +134,19 @@ def test_repeated_calls_and_resolution_switching_are_reproducible(ours):
     assert len({key[2] for key in keys}) >= 2, "one persistent context per resolution"
     compiled = [len(cached.compile_cache) for cached in ours._cached_transformers.values()]
     assert max(compiled) == 1, "each (branch, shape) context compiles once"
+
+
+def test_prompt_embeds_replace_the_prompt(ours):
+    """Features from encode_prompt, passed back, give the same image as the prompt; and with them a
+    cached call builds its context for their text length."""
+    embeds, pooled = ours.encode_prompt([PROMPT], [PROMPT], TEXT_TOKENS)
+    latents = initial_latents(ours)
+    from_prompt = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=0.5))
+    from_embeds = ours(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=HEIGHT, width=WIDTH,
+                       num_inference_steps=STEPS, latents=latents, output_type="np",
+                       cache=FBCacheConfig(residual_diff_threshold=0.5))
+    np.testing.assert_array_equal(np.stack(from_prompt.images), np.stack(from_embeds.images))
+    np.testing.assert_equal(from_prompt.cache_summaries, from_embeds.cache_summaries)  # diffs hold NaN
 
 
 def test_seeded_noise_is_reproducible_and_pil_output(ours):
@@ -147,6 +164,16 @@ def test_seeded_noise_is_reproducible_and_pil_output(ours):
     (dict(max_sequence_length=513), "max_sequence_length"),
     (dict(output_type="jpeg"), "output_type"),
     (dict(latents=np.zeros((1, 5, 64), np.float32)), "latents must be packed with shape"),
+    (dict(prompt=None), "give a prompt, or prompt_embeds"),
+    (dict(negative_prompt="a", negative_prompt_2=["b", "c"], true_cfg_scale=2.0),
+     "negative_prompt_2 has 2 entries but negative_prompt has 1"),
+    (dict(prompt_embeds=ms.Tensor(np.zeros((1, 8, 64), np.float32))), "either prompt .* or prompt_embeds"),
+    (dict(prompt=None, prompt_embeds=ms.Tensor(np.zeros((1, 8, 64), np.float32))), "go together"),
+    (dict(prompt=None, prompt_embeds=ms.Tensor(np.zeros((1, 8, 63), np.float32)),
+          pooled_prompt_embeds=ms.Tensor(np.zeros((1, 32), np.float32))), r"prompt_embeds must have shape"),
+    (dict(prompt=None, prompt_embeds=ms.Tensor(np.zeros((2, 8, 64), np.float32)),
+          pooled_prompt_embeds=ms.Tensor(np.zeros((1, 32), np.float32))),
+     r"pooled_prompt_embeds must have shape \(2, 32\)"),
 ])
 def test_bad_arguments_are_refused(ours, kwargs, message):
     arguments = dict(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=1, max_sequence_length=TEXT_TOKENS)
