@@ -33,6 +33,8 @@ PromptInput = Union[str, List[str]]
 ProgressCallback = Callable[[int, int, Dict[str, bool]], None]
 COMPONENT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 MAX_SEQUENCE_LENGTH = 512
+# The dtype names the command-line scripts accept.
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
 @dataclass
@@ -97,6 +99,12 @@ def as_prompt_list(prompt: Optional[PromptInput], name: str) -> Optional[List[st
     if not prompts or not all(isinstance(text, str) for text in prompts):
         raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
     return prompts
+
+
+def check_one_each(name: str, texts: Optional[List[str]], owner: str, owners: Optional[List[str]]) -> None:
+    """A second-encoder prompt list must pair one to one with the prompts it goes with."""
+    if texts is not None and len(texts) != len(owners):
+        raise ValueError(f"{name} has {len(texts)} entries but {owner} has {len(owners)}; give one per {owner}")
 
 
 def to_pil(images: np.ndarray) -> List[Image.Image]:
@@ -301,11 +309,8 @@ class FluxPipeline:
         if negative_prompts is not None and len(negative_prompts) == 1 and prompt_count > 1:
             negative_prompts = negative_prompts * prompt_count
         negative_prompts_2 = as_prompt_list(negative_prompt_2, "negative_prompt_2") or negative_prompts
-        for name, texts, count in (("prompt_2", prompts_2, prompts), ("negative_prompt_2", negative_prompts_2,
-                                                                       negative_prompts)):
-            if texts is not None and len(texts) != len(count):
-                raise ValueError(f"{name} has {len(texts)} entries but {name[:-2]} has {len(count)}; give one per "
-                                 f"{name[:-2]}")
+        check_one_each("prompt_2", prompts_2, "prompt", prompts)
+        check_one_each("negative_prompt_2", negative_prompts_2, "negative_prompt", negative_prompts)
         self.check_inputs(prompt_count, negative_prompts, height, width, num_inference_steps, max_sequence_length,
                           num_images_per_prompt)
         if output_type not in ("pil", "np", "latent"):

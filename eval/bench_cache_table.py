@@ -32,11 +32,10 @@ import mindspore as ms  # noqa: E402
 from eval.bench_common import AlwaysComputedPart, PeakHostMemory, flux_inputs, timed, to_mindspore  # noqa: E402
 from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
-from pipeline_flux import MAX_SEQUENCE_LENGTH, FBCacheConfig, FluxPipeline  # noqa: E402
+from pipeline_flux import DTYPES, MAX_SEQUENCE_LENGTH, FBCacheConfig, FluxPipeline  # noqa: E402
 from utils import MAX_TAYLOR_ORDER  # noqa: E402
 
 FORCED_HIT_THRESHOLD = 1e9
-DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 DEFAULT_IMAGE_SIZE = {"demo": (256, 256), "mid": (512, 512)}
 GIB = 2 ** 30
 

@@ -19,8 +19,8 @@ from eval.bench_common import flux_inputs, time_calls, to_mindspore  # noqa: E40
 from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
 from models.loading import CheckpointError, model_folder, read_config  # noqa: E402
 from models.transformer_flux import REQUIRED_CONFIG_KEYS, FluxTransformer2DModel  # noqa: E402
+from pipeline_flux import DTYPES  # noqa: E402
 
-DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 DEFAULT_IMAGE_SIZE = {"demo": (256, 256), "mid": (512, 512)}
 

@@ -19,10 +19,9 @@ import mindspore as ms  # noqa: E402
 
 from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
-from pipeline_flux import FBCacheConfig, FluxPipeline  # noqa: E402
+from pipeline_flux import DTYPES, FBCacheConfig, FluxPipeline  # noqa: E402
 from utils import MAX_TAYLOR_ORDER, format_summary  # noqa: E402
 
-DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 DEMO_DEFAULTS = {"image_size": (256, 256), "num_inference_steps": 8}
 FLUX_DEFAULTS = {"image_size": (1024, 1024), "num_inference_steps": 28}
 

@@ -30,10 +30,10 @@ sys.path[:0] = [str(REPO_ROOT), str(TESTS_DIR)]
 
 import mindspore as ms  # noqa: E402
 
-from eval.run_flux_withFBCache_pipeline import DEMO_DEFAULTS, DTYPES, FLUX_DEFAULTS, check_writable  # noqa: E402
+from eval.run_flux_withFBCache_pipeline import DEMO_DEFAULTS, FLUX_DEFAULTS, check_writable  # noqa: E402
 from models.demo_checkpoint import ensure_demo_checkpoint  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
-from pipeline_flux import MAX_SEQUENCE_LENGTH, FluxPipeline  # noqa: E402
+from pipeline_flux import DTYPES, MAX_SEQUENCE_LENGTH, FluxPipeline  # noqa: E402
 from test_accuracy_data import (CACHE_SETTINGS, DEFAULT_SEED, PROMPT_SETS, RESOLUTIONS, CacheSetting,  # noqa: E402
                                 fbcache_setting)
 from utils import MAX_TAYLOR_ORDER  # noqa: E402
