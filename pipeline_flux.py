@@ -289,7 +289,7 @@ class FluxPipeline:
         num_images_per_prompt: int = 1,
         seed: Optional[int] = None,
         latents: Optional[np.ndarray] = None,
-        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        max_sequence_length: Optional[int] = None,
         output_type: str = "pil",
         cache: Optional[FBCacheConfig] = None,
         callback: Optional[ProgressCallback] = None,
@@ -300,7 +300,11 @@ class FluxPipeline:
         is called after each step (`cached` maps branch -> whether that step used the cache; reading it
         syncs the host, so only the callback pays for it). Returns images as PIL (`output_type="pil"`),
         float arrays in [0, 1] (`"np"`) or packed latents (`"latent"`). `prompt_embeds` and
-        `pooled_prompt_embeds` (from `encode_prompt`) replace `prompt` / `prompt_2`."""
+        `pooled_prompt_embeds` (from `encode_prompt`) replace `prompt` / `prompt_2`. `max_sequence_length`
+        defaults to the T5 tokenizer's model_max_length (at most 512): FLUX.1's is 512, and a model trained
+        on fewer padded tokens (the shipped emoji model: 32) says so there."""
+        if max_sequence_length is None:
+            max_sequence_length = self.default_sequence_length()
         self.check_prompt_embeds(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds)
         prompts = as_prompt_list(prompt, "prompt")
         prompts_2 = as_prompt_list(prompt_2, "prompt_2") or prompts
@@ -368,6 +372,9 @@ class FluxPipeline:
         images = self.decode(latents_ms, latent_height, latent_width)
         return FluxPipelineOutput(images=to_pil(images) if output_type == "pil" else list(images),
                                   cache_summaries=summaries)
+
+    def default_sequence_length(self) -> int:
+        return min(self.tokenizer_2.model_max_length, MAX_SEQUENCE_LENGTH)
 
     @staticmethod
     def _step_cached(forward, step: int) -> bool:

@@ -30,13 +30,13 @@ sys.path.insert(0, str(REPO_ROOT))
 import mindspore as ms  # noqa: E402
 
 from eval.bench_common import AlwaysComputedPart, PeakHostMemory, flux_inputs, timed, to_mindspore  # noqa: E402
-from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
+from models.embedded import EMBEDDED, TRAINED, embedded_checkpoint, generation_defaults  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
 from pipeline_flux import DTYPES, MAX_SEQUENCE_LENGTH, FBCacheConfig, FluxPipeline  # noqa: E402
 from utils import MAX_TAYLOR_ORDER  # noqa: E402
 
 FORCED_HIT_THRESHOLD = 1e9
-DEFAULT_IMAGE_SIZE = {"demo": (256, 256), "mid": (512, 512)}
+DEFAULT_IMAGE_SIZE = {TRAINED: (128, 128), "demo": (256, 256), "mid": (512, 512)}
 GIB = 2 ** 30
 
 
@@ -66,15 +66,18 @@ def fn_bn(text: str) -> Tuple[int, int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", help="diffusers-format FLUX folder; default: the embedded random-weight checkpoint")
-    parser.add_argument("--config", choices=sorted(TRANSFORMER_CONFIGS), default="demo",
-                        help="embedded configuration used without --ckpt ('mid': hidden 1024, 3 double + 6 single)")
-    parser.add_argument("--prompt", default="A cat holding a sign that says hello world")
+    parser.add_argument("--ckpt", help="diffusers-format FLUX folder; default: the shipped emoji-world Flux")
+    parser.add_argument("--config", choices=EMBEDDED, default=TRAINED,
+                        help="embedded checkpoint used without --ckpt: the trained 'emoji' model, or random-weight "
+                             "'demo' / 'mid' (hidden 1024, 3 double + 6 single)")
+    parser.add_argument("--prompt", help="default: one the checkpoint can draw")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"),
-                        help="pixels, multiples of 16 (default 256 256 demo, 512 512 mid, 1024 1024 --ckpt)")
-    parser.add_argument("--num_inference_steps", type=int, default=8)
+                        help="pixels, multiples of 16 (default 128 128 emoji, 256 256 demo, 512 512 mid, 1024 1024 "
+                             "--ckpt)")
+    parser.add_argument("--num_inference_steps", type=int, help="default 28 (8 on the random demo / mid)")
     parser.add_argument("--guidance_scale", type=float, default=3.5)
-    parser.add_argument("--max_sequence_length", type=int, default=MAX_SEQUENCE_LENGTH)
+    parser.add_argument("--max_sequence_length", type=int,
+                        help="T5 tokens (default: the T5 tokenizer's model_max_length, at most 512)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.08, 0.12],
                         help="residual_diff_threshold values (random weights need far larger ones: "
@@ -95,6 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
     args = parser.parse_args(argv)
     args.image_size = tuple(args.image_size or (DEFAULT_IMAGE_SIZE[args.config] if not args.ckpt else (1024, 1024)))
+    defaults = generation_defaults(bool(args.ckpt), args.config)
+    args.prompt = args.prompt or defaults["prompt"][0]
+    if args.num_inference_steps is None:
+        args.num_inference_steps = defaults["num_inference_steps"]
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        parser.error(f"--max_sequence_length must lie in [1, {MAX_SEQUENCE_LENGTH}], got {args.max_sequence_length}")
     if any(side <= 0 or side % 16 for side in args.image_size):
         parser.error(f"--image_size must be positive multiples of 16 (8x VAE, 2x2 packing), got {args.image_size}")
     if args.num_inference_steps < 2 or args.repeats < 1:
@@ -258,9 +267,9 @@ def markdown(table: List[dict], header: str, args: argparse.Namespace) -> str:
 def main(argv=None) -> List[dict]:
     args = parse_args(argv)
     ms.set_context(mode=ms.GRAPH_MODE, device_target=args.device_target)
-    folder = Path(args.ckpt) if args.ckpt else ensure_demo_checkpoint(
-        REPO_ROOT / "checkpoints" / f"flux-{args.config}", args.config)
+    folder = Path(args.ckpt) if args.ckpt else embedded_checkpoint(args.config)
     pipeline = FluxPipeline.from_pretrained(str(folder), mindspore_dtype=DTYPES[args.dtype])
+    args.max_sequence_length = args.max_sequence_length or pipeline.default_sequence_length()
     rows = plan_rows(args)
     config = pipeline.transformer.config
     header = (f"{folder}: {config.num_layers} double + {config.num_single_layers} single blocks, hidden "

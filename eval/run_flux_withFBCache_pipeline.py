@@ -1,8 +1,9 @@
 """Generate images with Flux.1 and the First-Block Cache (+ TaylorSeer) in MindSpore.
 
-Without --ckpt it runs the embedded demo checkpoint: a small RANDOM-WEIGHT model in the diffusers
-FLUX layout, created on first use under checkpoints/. It is not FLUX.1 and draws noise-like images;
-it exists so that the whole path runs anywhere. Give --ckpt /path/to/FLUX.1-dev for real images.
+Without --ckpt it runs the shipped small Flux trained on the emoji world (assets/flux-emoji: FLUX's
+architecture and folder layout, 128x128 scenes of 32 emoji on coloured backgrounds, captions such as
+"a small fox at the top right, on a yellow background"). It is not FLUX.1; give --ckpt
+/path/to/FLUX.1-dev for FLUX images. --demo_config demo|mid picks a random-weight checkpoint instead.
 """
 
 import argparse
@@ -17,26 +18,25 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import mindspore as ms  # noqa: E402
 
-from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
+from models.embedded import EMBEDDED, TRAINED, embedded_checkpoint, generation_defaults  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
 from pipeline_flux import DTYPES, FBCacheConfig, FluxPipeline  # noqa: E402
 from utils import MAX_TAYLOR_ORDER, format_summary  # noqa: E402
 
-DEMO_DEFAULTS = {"image_size": (256, 256), "num_inference_steps": 8}
-FLUX_DEFAULTS = {"image_size": (1024, 1024), "num_inference_steps": 28}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="diffusers-format FLUX folder; default: the embedded demo checkpoint")
-    parser.add_argument("--demo_config", choices=sorted(TRANSFORMER_CONFIGS), default="demo",
-                        help="which embedded random-weight checkpoint to use without --ckpt ('mid' is larger)")
-    parser.add_argument("--prompt", nargs="+", default=["A cat holding a sign that says hello world"],
-                        help="one or more prompts")
+    parser.add_argument("--demo_config", choices=EMBEDDED, default=TRAINED,
+                        help="embedded checkpoint without --ckpt: the trained 'emoji' model (default), or the "
+                             "random-weight 'demo' / larger 'mid'")
+    parser.add_argument("--prompt", nargs="+", help="one or more prompts (default: one the checkpoint can draw)")
     parser.add_argument("--negative_prompt", nargs="+",
-                        help="negative prompt(s), one or one per prompt; used with --true_cfg_scale > 1")
+                        help="negative prompt(s), one or one per prompt; used with --true_cfg_scale > 1 "
+                             "(default \"\" on the trained emoji model)")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"),
-                        help="multiples of 16 (default 1024 1024; 256 256 for the demo checkpoint)")
+                        help="multiples of 16 (default 1024 1024 with --ckpt; 128 128 emoji, 256 256 demo/mid)")
     parser.add_argument("--save_path", type=Path, default=REPO_ROOT / "outputs", help="folder for the PNGs")
     parser.add_argument("--residual_diff_threshold", type=float, default=0.08,
                         help="cache a step when the first-block residual changed less than this; <= 0 never caches")
@@ -52,11 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run the uncached baseline in this process and print both times")
     parser.add_argument("--use_graph_mode", action=argparse.BooleanOptionalAction, default=True,
                         help="MindSpore GRAPH mode (default) or PyNative (--no-use_graph_mode)")
-    parser.add_argument("--num_inference_steps", type=int, help="default 28 (8 for the demo checkpoint)")
+    parser.add_argument("--num_inference_steps", type=int, help="default 28 (8 for the random demo/mid)")
     parser.add_argument("--guidance_scale", type=float, default=3.5, help="distilled guidance (FLUX.1-dev)")
-    parser.add_argument("--true_cfg_scale", type=float, default=1.0, help="> 1 with a negative prompt: true CFG")
+    parser.add_argument("--true_cfg_scale", type=float,
+                        help="> 1 with a negative prompt: true CFG (default 4 on the trained emoji model, else 1)")
     parser.add_argument("--num_images_per_prompt", type=int, default=1)
-    parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens")
+    parser.add_argument("--max_sequence_length", type=int,
+                        help="T5 tokens (default: the T5 tokenizer's model_max_length, at most 512; 32 on emoji)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device_target", choices=["CPU", "GPU", "Ascend"], default="CPU")
@@ -65,10 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "models")
     args = parser.parse_args(argv)
 
-    defaults = FLUX_DEFAULTS if args.ckpt else DEMO_DEFAULTS
+    defaults = generation_defaults(bool(args.ckpt), args.demo_config)
     args.image_size = tuple(args.image_size or defaults["image_size"])
-    if args.num_inference_steps is None:
-        args.num_inference_steps = defaults["num_inference_steps"]
+    for name in ("prompt", "num_inference_steps", "true_cfg_scale"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if args.negative_prompt is None and args.true_cfg_scale > 1:
+        args.negative_prompt = defaults["negative_prompt"]
     if any(side <= 0 or side % 16 for side in args.image_size):
         parser.error(f"--image_size must be positive multiples of 16 (8x VAE downsampling, 2x2 packing), "
                      f"got {args.image_size[0]} {args.image_size[1]}")
@@ -145,9 +150,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_writable(args.save_path)
     ms.set_context(mode=ms.GRAPH_MODE if args.use_graph_mode else ms.PYNATIVE_MODE, device_target=args.device_target)
-    folder = args.ckpt or ensure_demo_checkpoint(REPO_ROOT / "checkpoints" / f"flux-{args.demo_config}",
-                                                 args.demo_config)
-    if not args.ckpt:
+    folder = args.ckpt or embedded_checkpoint(args.demo_config)
+    if not args.ckpt and args.demo_config == TRAINED:
+        print(f"Using the shipped emoji-world Flux {folder} (trained here; not FLUX.1, give --ckpt for FLUX).",
+              flush=True)
+    elif not args.ckpt:
         print(f"Using the embedded demo checkpoint {folder}: RANDOM weights, not FLUX.1 (give --ckpt for real "
               "images).", flush=True)
     pipeline = FluxPipeline.from_pretrained(str(folder), mindspore_dtype=DTYPES[args.dtype],

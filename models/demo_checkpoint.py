@@ -114,10 +114,8 @@ CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
-# A few real-looking merges so the CLIP tokenizer does more than split into bytes.
-CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("o", "f</w>"),
-               ("c", "a"), ("ca", "t</w>")]
-T5_WORDS = ["a", "the", "of", "and", "in", "on", "with", "cat", "dog", "photo", "painting", "red", "blue"]
+# A few whole words, so both tokenizers do more than split into bytes / characters.
+DEMO_WORDS = ("a", "the", "of", "and", "in", "on", "with", "cat", "dog", "photo", "painting", "red", "blue")
 
 
 def component_seed(seed: int, component: str) -> List[int]:
@@ -168,23 +166,37 @@ def write_vae_checkpoint(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-def clip_byte_vocabulary() -> Tuple[Dict[str, int], List[Tuple[str, str]]]:
+def word_merges(words: Sequence[str]) -> List[Tuple[str, str]]:
+    """BPE merges that build each word left to right, ending in its `</w>` form (first occurrence kept)."""
+    merges: Dict[Tuple[str, str], None] = {}
+    for word in words:
+        built = word[0]
+        for index, character in enumerate(word[1:], start=1):
+            merges[(built, character + ("</w>" if index == len(word) - 1 else ""))] = None
+            built += character
+    return list(merges)
+
+
+def clip_byte_vocabulary(words: Sequence[str] = DEMO_WORDS) -> Tuple[Dict[str, int], List[Tuple[str, str]]]:
     """CLIP's vocabulary layout in miniature: 256 byte symbols, the same with `</w>`, merges, specials.
 
-    Every byte has a symbol, so any text tokenizes without unknowns, as with the real 49408-token vocab.
+    Every byte has a symbol, so any text tokenizes without unknowns, as with the real 49408-token vocab;
+    the merges of `words` make most of them single tokens.
     """
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(pair) for pair in CLIP_MERGES]
+    merges = word_merges(words)
+    tokens = symbols + [symbol + "</w>" for symbol in symbols]
+    tokens += list(dict.fromkeys("".join(pair) for pair in merges if "".join(pair) not in tokens))
     tokens += [CLIP_BOS, CLIP_EOS]
-    return {token: index for index, token in enumerate(tokens)}, list(CLIP_MERGES)
+    return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def write_clip_tokenizer(folder: Path) -> int:
+def write_clip_tokenizer(folder: Path, words: Sequence[str] = DEMO_WORDS) -> int:
     """Write `<folder>/tokenizer/` (vocab.json, merges.txt, configs) for transformers' CLIPTokenizer;
     returns the vocabulary size."""
-    vocab, merges = clip_byte_vocabulary()
+    vocab, merges = clip_byte_vocabulary(words)
     target = Path(folder) / "tokenizer"
     write_json(target / "vocab.json", vocab, sort_keys=False)
     (target / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
@@ -197,7 +209,7 @@ def write_clip_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def t5_unigram_vocabulary() -> List[Tuple[str, float]]:
+def t5_unigram_vocabulary(words: Sequence[str] = DEMO_WORDS) -> List[Tuple[str, float]]:
     """T5's layout in miniature: <pad>=0, </s>=1, <unk>=2, then word pieces with SentencePiece scores.
 
     Printable ASCII characters, with and without the word-start marker, so English prompts tokenize
@@ -205,12 +217,12 @@ def t5_unigram_vocabulary() -> List[Tuple[str, float]]:
     """
     characters = [c for c in string.printable if not c.isspace()]
     pieces = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + word, -3.0) for word in T5_WORDS]
+    pieces += [("\u2581" + word, -3.0) for word in words]
     pieces += [("\u2581" + c, -6.0) for c in characters] + [(c, -5.0) for c in characters]
     return pieces
 
 
-def write_t5_tokenizer(folder: Path) -> int:
+def write_t5_tokenizer(folder: Path, words: Sequence[str] = DEMO_WORDS, max_length: int = T5_MAX_LENGTH) -> int:
     """Write `<folder>/tokenizer_2/` (tokenizer.json + configs) for transformers' T5TokenizerFast; returns vocab size.
 
     Built with the `tokenizers` library as T5's converted SentencePiece tokenizer is: Unigram model,
@@ -218,7 +230,7 @@ def write_t5_tokenizer(folder: Path) -> int:
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    pieces = t5_unigram_vocabulary()
+    pieces = t5_unigram_vocabulary(words)
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
@@ -232,21 +244,21 @@ def write_t5_tokenizer(folder: Path) -> int:
     special = dict(eos_token=T5_EOS, pad_token=T5_PAD, unk_token=T5_UNK)
     write_json(target / "special_tokens_map.json", dict(special, additional_special_tokens=[]))
     write_json(target / "tokenizer_config.json", dict(
-        special, tokenizer_class="T5TokenizerFast", model_max_length=T5_MAX_LENGTH, extra_ids=0,
+        special, tokenizer_class="T5TokenizerFast", model_max_length=max_length, extra_ids=0,
         additional_special_tokens=[], legacy=True, clean_up_tokenization_spaces=True,
     ))
     return tokenizer.get_vocab_size()
 
 
-def clip_text_config(transformer_config: dict, vocab_size: int):
+def clip_text_config(transformer_config: dict, words: Sequence[str] = DEMO_WORDS):
     """CLIP-L's text config shrunk: hidden size = the transformer's pooled_projection_dim (FLUX uses the
-    pooled output)."""
+    pooled output); vocabulary and special ids those of `clip_byte_vocabulary(words)`."""
     from transformers import CLIPTextConfig
 
     hidden = transformer_config["pooled_projection_dim"]
-    vocab, _ = clip_byte_vocabulary()
+    vocab, _ = clip_byte_vocabulary(words)
     return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, projection_dim=hidden,
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden, projection_dim=hidden,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
         bos_token_id=vocab[CLIP_BOS], eos_token_id=vocab[CLIP_EOS], pad_token_id=vocab[CLIP_EOS],
         architectures=["CLIPTextModel"], dtype="float32",
@@ -324,9 +336,9 @@ def write_pipeline_checkpoint(folder: Path, name: str = "demo", seed: int = 0) -
     transformer_config = TRANSFORMER_CONFIGS[name]
     write_model_index(folder)
     write_scheduler_config(folder)
-    clip_vocab_size = write_clip_tokenizer(folder)
+    write_clip_tokenizer(folder)
     t5_vocab_size = write_t5_tokenizer(folder)
-    write_text_encoder_checkpoint(folder, clip_text_config(transformer_config, clip_vocab_size), seed)
+    write_text_encoder_checkpoint(folder, clip_text_config(transformer_config), seed)
     write_text_encoder_2_checkpoint(folder, t5_encoder_config(transformer_config, t5_vocab_size), seed)
     write_transformer_checkpoint(folder, transformer_config, seed)
     write_vae_checkpoint(folder, seed)

@@ -19,7 +19,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -37,6 +37,10 @@ from models.loading import CheckpointError  # noqa: E402
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FID_NOTE = ("FID uses mindcv's ImageNet Inception: comparable between settings scored with the same weights, "
             "not with published pytorch-fid numbers")
+
+CLIP_FRECHET_NOTE = ("FID column: Frechet distance of the --clip_model's image features (--frechet_features clip), "
+                     "comparable only between sets scored with the same CLIP model")
+FeatureExtractor = Callable[[Sequence[Image.Image]], np.ndarray]
 
 # {setting: {resolution "HxW": {image file name: path}}}
 ImageSets = Dict[str, Dict[str, Dict[str, Path]]]
@@ -62,13 +66,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="mindcv inception_v3 ImageNet .ckpt; FID is skipped without")
     parser.add_argument("--reference_dir", type=Path,
                         help="real images (png/jpg) to compute FID against instead of the baseline setting")
+    parser.add_argument("--frechet_features", choices=["inception", "clip"], default="inception",
+                        help="features of the Frechet distance: Inception (FID, --inception_weights) or the "
+                             "--clip_model's image features (e.g. the shipped emoji judge: an FID of its world)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device_target", choices=["CPU", "GPU", "Ascend"], default="CPU")
     parser.add_argument("--use_graph_mode", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    if args.reference_dir is not None and args.inception_weights is None:
-        parser.error("--reference_dir is only used for FID: give --inception_weights too")
+    if args.frechet_features == "clip" and args.clip_model is None:
+        parser.error("--frechet_features clip uses the CLIP model's image features: give --clip_model too")
+    if args.frechet_features == "clip" and args.inception_weights is not None:
+        parser.error("--inception_weights is unused with --frechet_features clip: drop one of them")
+    if args.reference_dir is not None and args.inception_weights is None and args.frechet_features != "clip":
+        parser.error("--reference_dir is only used for FID: give --inception_weights (or --frechet_features clip)")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
     return args
@@ -153,10 +164,10 @@ def mean_pair_metrics(images: Sequence[Image.Image], baselines: Sequence[Image.I
 
 
 def score(args: argparse.Namespace, sets: ImageSets, prompts: List[str], clip: Optional[CLIPScorer],
-          inception: Optional[InceptionFeatureExtractor]) -> List[Row]:
+          frechet: Optional[FeatureExtractor]) -> List[Row]:
     reference_features = None
-    if inception is not None and args.reference_dir is not None:
-        reference_features = inception(load_images(reference_images(args.reference_dir)))
+    if frechet is not None and args.reference_dir is not None:
+        reference_features = frechet(load_images(reference_images(args.reference_dir)))
     baseline_features: Dict[str, np.ndarray] = {}
     rows = []
     for setting in [args.baseline] + [name for name in sets if name != args.baseline]:
@@ -166,8 +177,8 @@ def score(args: argparse.Namespace, sets: ImageSets, prompts: List[str], clip: O
             row = Row(setting, resolution, len(images))
             if clip is not None:
                 row.clip_score = float(np.mean(clip(images, [prompts[int(name[:-4])] for name in names])))
-            if inception is not None:
-                features = inception(images)
+            if frechet is not None:
+                features = frechet(images)
                 if setting == args.baseline:
                     baseline_features[resolution] = features
                 reference = reference_features if reference_features is not None else baseline_features[resolution]
@@ -208,9 +219,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     manifest = read_manifest(args.images_dir, sets)
     if args.clip_model is not None:
         clip_folder(args.clip_model)
-    if args.inception_weights is not None:
-        if not args.inception_weights.is_file():
-            raise FileNotFoundError(f"--inception_weights {args.inception_weights} does not exist")
+    if args.inception_weights is not None and not args.inception_weights.is_file():
+        raise FileNotFoundError(f"--inception_weights {args.inception_weights} does not exist")
+    if args.inception_weights is not None or args.frechet_features == "clip":
         too_small = [f"{setting}/{resolution}" for setting, resolutions in sets.items()
                      for resolution, images in resolutions.items() if len(images) < 2]
         if too_small:
@@ -220,20 +231,24 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
 
     ms.set_context(mode=ms.GRAPH_MODE if args.use_graph_mode else ms.PYNATIVE_MODE, device_target=args.device_target)
     notes = []
-    clip = inception = None
+    clip = frechet = None
     if args.clip_model is None:
         notes.append("CLIP score skipped: no --clip_model given")
     else:
         clip = CLIPScorer(args.clip_model, args.batch_size)
-    if args.inception_weights is None:
+    reference = f"reference: {args.reference_dir or args.baseline + ' setting'}"
+    if args.frechet_features == "clip":
+        frechet = clip.image_embeds
+        notes.append(f"{CLIP_FRECHET_NOTE}; {reference}")
+    elif args.inception_weights is None:
         notes.append("FID skipped: no --inception_weights given")
     else:
-        inception = InceptionFeatureExtractor(args.inception_weights, args.batch_size)
-        notes.append(f"{FID_NOTE}; reference: {args.reference_dir or args.baseline + ' setting'}")
+        frechet = InceptionFeatureExtractor(args.inception_weights, args.batch_size)
+        notes.append(f"{FID_NOTE}; {reference}")
     for note in notes:
         print(f"note: {note}", flush=True)
 
-    rows = score(args, sets, manifest["prompts"], clip, inception)
+    rows = score(args, sets, manifest["prompts"], clip, frechet)
     print("\n" + markdown_table(rows))
     if args.json is not None:
         report = {"images_dir": str(args.images_dir), "baseline": args.baseline, "notes": notes,

@@ -11,8 +11,8 @@ temporary name and renamed, so an interrupted run leaves no partial image.
 
 Launched by MindSpore's `msrun` (e.g. `msrun --worker_num 8 --local_worker_num 8 tests/generate_clip_score_datas.py
 ...`), each worker takes the device of its local rank and the prompts rank, rank + size, ...;
-a plain process generates every prompt. Without --ckpt it uses the embedded RANDOM-WEIGHT demo
-checkpoint (noise-like images, for trying the tooling out).
+a plain process generates every prompt. Without --ckpt it uses the shipped emoji-world Flux
+(assets/flux-emoji) on its 32 held-out prompts (`--prompt_set emoji_heldout`), with true CFG.
 """
 
 import argparse
@@ -30,8 +30,8 @@ sys.path[:0] = [str(REPO_ROOT), str(TESTS_DIR)]
 
 import mindspore as ms  # noqa: E402
 
-from eval.run_flux_withFBCache_pipeline import DEMO_DEFAULTS, FLUX_DEFAULTS, check_writable  # noqa: E402
-from models.demo_checkpoint import ensure_demo_checkpoint  # noqa: E402
+from eval.run_flux_withFBCache_pipeline import check_writable  # noqa: E402
+from models.embedded import embedded_checkpoint, generation_defaults  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
 from pipeline_flux import DTYPES, MAX_SEQUENCE_LENGTH, FluxPipeline  # noqa: E402
 from test_accuracy_data import (CACHE_SETTINGS, DEFAULT_SEED, PROMPT_SETS, RESOLUTIONS, CacheSetting,  # noqa: E402
@@ -59,9 +59,10 @@ def resolution_name(resolution: Resolution) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", help="diffusers-format FLUX folder; default: the embedded demo checkpoint")
+    parser.add_argument("--ckpt", help="diffusers-format FLUX folder; default: the shipped emoji-world Flux")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "accuracy", help="output folder")
-    parser.add_argument("--prompt_set", choices=sorted(PROMPT_SETS), default="smoke")
+    parser.add_argument("--prompt_set", choices=sorted(PROMPT_SETS),
+                        help="default: emoji_heldout on the shipped model, smoke with --ckpt")
     parser.add_argument("--num_prompts", type=int, help="use only the first N prompts of the set")
     parser.add_argument("--settings", nargs="*", default=None,
                         help=f"named cache settings (default: all): {', '.join(CACHE_SETTINGS)}")
@@ -71,10 +72,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"... for each of these forecast orders 0-{MAX_TAYLOR_ORDER}")
     parser.add_argument("--image_size", type=parse_resolution, nargs="+", metavar="HxW",
                         help="one or more sizes (default with --ckpt: " + " ".join(map(resolution_name, RESOLUTIONS))
-                        + "; 256x256 for the demo checkpoint)")
-    parser.add_argument("--num_inference_steps", type=int, help="default 28 (8 for the demo checkpoint)")
+                        + "; 128x128 for the shipped model)")
+    parser.add_argument("--num_inference_steps", type=int, help="default 28")
     parser.add_argument("--guidance_scale", type=float, default=3.5)
-    parser.add_argument("--max_sequence_length", type=int, default=MAX_SEQUENCE_LENGTH, help="T5 tokens")
+    parser.add_argument("--true_cfg_scale", type=float,
+                        help="> 1: true CFG against --negative_prompt (default 4 on the shipped model, else 1)")
+    parser.add_argument("--negative_prompt", help="default \"\" with true CFG")
+    parser.add_argument("--max_sequence_length", type=int,
+                        help="T5 tokens (default: the T5 tokenizer's model_max_length, at most 512)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="prompt i uses seed + i")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device_target", choices=["CPU", "GPU", "Ascend"], default="CPU")
@@ -83,11 +88,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     if args.ckpt and not Path(args.ckpt).is_dir():
         parser.error(f"--ckpt {args.ckpt} is not a folder (expected a diffusers-format FLUX folder)")
-    defaults = FLUX_DEFAULTS if args.ckpt else DEMO_DEFAULTS
-    default_sizes = list(RESOLUTIONS) if args.ckpt else [tuple(DEMO_DEFAULTS["image_size"])]
+    defaults = generation_defaults(bool(args.ckpt))
+    default_sizes = list(RESOLUTIONS) if args.ckpt else [defaults["image_size"]]
     args.image_size = list(dict.fromkeys(args.image_size or default_sizes))
-    if args.num_inference_steps is None:
-        args.num_inference_steps = defaults["num_inference_steps"]
+    if args.prompt_set is None:
+        args.prompt_set = "smoke" if args.ckpt else "emoji_heldout"
+    for name in ("num_inference_steps", "true_cfg_scale"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if args.negative_prompt is None and args.true_cfg_scale > 1:
+        args.negative_prompt = ""
     if args.num_inference_steps < 1:
         parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
     prompts = PROMPT_SETS[args.prompt_set]
@@ -103,7 +113,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if any(threshold <= 0 for threshold in args.thresholds or []):
         parser.error(f"--thresholds must be > 0 (a threshold <= 0 never caches: that is 'baseline'), "
                      f"got {args.thresholds}")
-    if not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
         parser.error(f"--max_sequence_length must lie in [1, {MAX_SEQUENCE_LENGTH}], got {args.max_sequence_length}")
     if args.dtype == "bfloat16" and args.device_target == "CPU":
         parser.error("--dtype bfloat16 needs bf16 matmul, which MindSpore's CPU backend lacks")
@@ -127,8 +137,9 @@ def build_manifest(args: argparse.Namespace, settings: Sequence[CacheSetting]) -
         "prompt_set": args.prompt_set,
         "prompts": prompts,
         "seeds": [args.seed + index for index in range(len(prompts))],
-        "generation": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else "embedded demo checkpoint",
+        "generation": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else "shipped emoji-world Flux",
                        "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                       "true_cfg_scale": args.true_cfg_scale, "negative_prompt": args.negative_prompt,
                        "max_sequence_length": args.max_sequence_length, "dtype": args.dtype},
         "settings": {setting.name: asdict(setting) for setting in settings},
         "resolutions": [resolution_name(resolution) for resolution in args.image_size],
@@ -189,43 +200,31 @@ def generation_tasks(out: Path, settings: Sequence[CacheSetting], resolutions: S
 
 
 def cached_steps(summaries: dict) -> str:
-    """', 3/28 steps cached' for a cached run (the cond branch: no true CFG here), '' for the baseline."""
-    if not summaries:
-        return ""
-    summary = summaries["cond"]
-    return f", {summary['steps_cached']}/{summary['steps']} steps cached"
+    """', 3/28 steps cached' per CFG branch for a cached run, '' for the baseline."""
+    return "".join(f", {summary['steps_cached']}/{summary['steps']} steps cached"
+                   + (f" ({branch})" if len(summaries) > 1 else "") for branch, summary in summaries.items())
 
 
 def generate(pipeline: FluxPipeline, args: argparse.Namespace, manifest: dict,
              tasks: Sequence[Tuple[CacheSetting, Resolution, int, Path]]) -> None:
     text_features = {}  # prompt index -> (T5, pooled CLIP) features: encoded once, shared by every setting and size
+    text_tokens = args.max_sequence_length or pipeline.default_sequence_length()
     for number, (setting, (height, width), index, path) in enumerate(tasks, start=1):
         started = time.perf_counter()
         if index not in text_features:
             prompt = manifest["prompts"][index]
-            text_features[index] = pipeline.encode_prompt([prompt], [prompt], args.max_sequence_length)
+            text_features[index] = pipeline.encode_prompt([prompt], [prompt], text_tokens)
         prompt_embeds, pooled_prompt_embeds = text_features[index]
         output = pipeline(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, height=height,
                           width=width, num_inference_steps=args.num_inference_steps,
-                          guidance_scale=args.guidance_scale, seed=manifest["seeds"][index],
+                          guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale,
+                          negative_prompt=args.negative_prompt, max_sequence_length=text_tokens,
+                          seed=manifest["seeds"][index],
                           cache=setting.fbcache_config())
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda partial: output.images[0].save(partial, format="PNG"))
         print(f"[{number}/{len(tasks)}] {setting.name} {height}x{width} {path.name}: "
               f"{time.perf_counter() - started:.2f} s{cached_steps(output.cache_summaries)}", flush=True)
-
-
-def checkpoint_folder(ckpt: Optional[str], group_size: int) -> Path:
-    """--ckpt, or the embedded demo checkpoint, created on first use by a single process only: msrun
-    workers creating it at once would overwrite each other's temporary folder."""
-    if ckpt:
-        return Path(ckpt)
-    demo = REPO_ROOT / "checkpoints" / "flux-demo"
-    if group_size > 1 and not demo.exists():
-        raise FileNotFoundError(f"the embedded demo checkpoint {demo} does not exist yet: create it by running this "
-                                "script once without msrun, or give --ckpt")
-    print(f"Using the embedded demo checkpoint {demo}: RANDOM weights, not FLUX.1.", flush=True)
-    return ensure_demo_checkpoint(demo, "demo")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -244,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"rank {rank} of {size}: {len(tasks)} images ({len(settings)} settings x {len(args.image_size)} sizes x "
           f"{len(indices)} prompts) in {args.out}; {len(tasks) - len(pending)} already exist, skipped", flush=True)
     if pending:
-        pipeline = FluxPipeline.from_pretrained(str(checkpoint_folder(args.ckpt, size)),
+        pipeline = FluxPipeline.from_pretrained(str(args.ckpt or embedded_checkpoint()),
                                                 mindspore_dtype=DTYPES[args.dtype])
         generate(pipeline, args, manifest, pending)
 

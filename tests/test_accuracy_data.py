@@ -28,10 +28,13 @@ from models.demo_checkpoint import (CLIP_BOS, CLIP_EOS, CLIP_MAX_LENGTH, clip_by
                                    write_pipeline_checkpoint)
 from models.loading import CheckpointError
 from pipeline_flux import FBCacheConfig
+from train.scenes import evaluation_prompts
 
 # ----- data -----
 
 PROMPT_SETS: Dict[str, Tuple[str, ...]] = {
+    # The shipped emoji-world model's 32 held-out prompts (emoji pairs and compositions never trained on).
+    "emoji_heldout": tuple(evaluation_prompts(32)[0]),
     "smoke": (
         "A cat holding a sign that says hello world",
         "A red apple on a wooden table, studio lighting",

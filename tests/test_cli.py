@@ -1,5 +1,6 @@
 """eval/run_flux_withFBCache_pipeline.py end to end, and every input error it must refuse."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -25,13 +26,25 @@ def folder(tmp_path_factory):
     return write_pipeline_checkpoint(tmp_path_factory.mktemp("cli") / "flux", "demo", seed=0)
 
 
+@pytest.mark.slow
 def test_default_checkpoint_runs_and_writes_a_png(tmp_path):
-    """The README's main job: no model arguments, the embedded demo checkpoint (created on first use)."""
+    """The README's main job: no arguments, the shipped trained model, true CFG, cached steps at the
+    default threshold in both branches."""
     result = run_cli("--save_path", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "RANDOM weights, not FLUX.1" in result.stdout
-    assert "step 8/8" in result.stdout and "FBCache summary (cond branch)" in result.stdout
+    out = result.stdout
+    assert "shipped emoji-world Flux" in out and "step 28/28" in out
+    for branch in ("cond", "uncond"):
+        assert f"FBCache summary ({branch} branch)" in out
+    cached = [int(count) for count in re.findall(r"computed, (\d+) cached", out)]
+    assert len(cached) == 2 and min(cached) > 0, out[-3000:]
     assert (tmp_path / "fbcache_0.png").is_file()
+
+
+def test_random_demo_checkpoint_is_still_selectable(tmp_path):
+    result = run_cli("--demo_config", "demo", "--save_path", tmp_path, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RANDOM weights, not FLUX.1" in result.stdout and (tmp_path / "fbcache_0.png").is_file()
 
 
 def test_baseline_comparison_true_cfg_and_every_cache_flag(folder, tmp_path):
