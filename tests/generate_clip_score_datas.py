@@ -39,6 +39,7 @@ from test_accuracy_data import (CACHE_SETTINGS, DEFAULT_SEED, PROMPT_SETS, RESOL
 from utils import MAX_TAYLOR_ORDER  # noqa: E402
 
 MANIFEST_NAME = "manifest.json"
+GENERATION_LOG = "generation_log.jsonl"
 Resolution = Tuple[int, int]
 
 
@@ -205,6 +206,15 @@ def cached_steps(summaries: dict) -> str:
                    + (f" ({branch})" if len(summaries) > 1 else "") for branch, summary in summaries.items())
 
 
+def log_generation(path: Path, seconds: float, summaries: dict) -> None:
+    """One JSON line per image in `<setting>/<HxW>/generation_log.jsonl`: wall time (the first image of a
+    setting includes its graph compilation) and steps cached per CFG branch, for speed tables."""
+    record = {"image": path.name, "seconds": round(seconds, 4),
+              "steps_cached": {branch: summary["steps_cached"] for branch, summary in summaries.items()}}
+    with open(path.parent / GENERATION_LOG, "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
 def generate(pipeline: FluxPipeline, args: argparse.Namespace, manifest: dict,
              tasks: Sequence[Tuple[CacheSetting, Resolution, int, Path]]) -> None:
     text_features = {}  # prompt index -> (T5, pooled CLIP) features: encoded once, shared by every setting and size
@@ -221,10 +231,12 @@ def generate(pipeline: FluxPipeline, args: argparse.Namespace, manifest: dict,
                           negative_prompt=args.negative_prompt, max_sequence_length=text_tokens,
                           seed=manifest["seeds"][index],
                           cache=setting.fbcache_config())
+        seconds = time.perf_counter() - started
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda partial: output.images[0].save(partial, format="PNG"))
+        log_generation(path, seconds, output.cache_summaries)
         print(f"[{number}/{len(tasks)}] {setting.name} {height}x{width} {path.name}: "
-              f"{time.perf_counter() - started:.2f} s{cached_steps(output.cache_summaries)}", flush=True)
+              f"{seconds:.2f} s{cached_steps(output.cache_summaries)}", flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

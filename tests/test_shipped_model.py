@@ -115,3 +115,18 @@ def test_judge_prefers_a_real_render_s_own_caption():
     others = cosine[~np.eye(len(prompts), dtype=bool)]
     assert own.mean() > others.mean() + 0.1, (own.mean(), others.mean())
     assert (cosine.argmax(axis=1) == np.arange(len(prompts))).mean() >= 0.5
+
+
+@pytest.mark.slow
+def test_quality_table_end_to_end(tmp_path):
+    from eval import emoji_quality_table
+
+    text = emoji_quality_table.main(["--out", str(tmp_path / "quality"), "--settings", "baseline", "fbcache_0.2",
+                                     "--num_prompts", "2", "--gallery", str(tmp_path / "gallery.png")])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert list(rows) == ["baseline", "fbcache_0.2", "real renders (re-drawn: the noise floor)"]
+    assert rows["baseline"].count(" - ") == 2  # no PSNR / SSIM against itself
+    assert "x |" in rows["fbcache_0.2"] and " - " not in rows["fbcache_0.2"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "gallery.png").size == (2 * WIDTH, 3 * HEIGHT)

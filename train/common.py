@@ -4,13 +4,14 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNS_DIR = REPO_ROOT / "train" / "runs"
+EMA_DECAY = 0.998
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, steps: int, batch_size: int, lr: float) -> None:
@@ -81,6 +82,50 @@ def train_loop(name: str, args: argparse.Namespace, start_step: int, step_fn: Ca
         print(f"{name}: stopped after step {end} of {args.steps} (--until); run again without --until to resume")
         return None
     return time.perf_counter() - started
+
+
+def train(name: str, args: argparse.Namespace, model: torch.nn.Module,
+          loss_fn: Callable[[int], Tuple[torch.Tensor, Dict[str, float]]], weight_decay: float,
+          max_grad_norm: Optional[float] = None, ema: Optional[torch.nn.Module] = None) -> Optional[float]:
+    """AdamW with a one-cycle schedule (5% warm-up, cosine decay) over --steps, resumable from
+    `<--out>/state.pt`; `loss_fn(step)` gives the step's loss and the numbers to show. With `ema`, an
+    exponential moving average of the weights is kept and saved too. Returns train_loop's result."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
+    stateful = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    if ema is not None:
+        stateful["ema"] = ema
+    state_path = args.out / "state.pt"
+    state = load_checkpoint(state_path)
+    if state:
+        for key, holder in stateful.items():
+            holder.load_state_dict(state[key])
+        print(f"resuming {state_path} at step {state['step']}")
+
+    def step_fn(step: int) -> Dict[str, float]:
+        loss, shown = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            update_ema(ema, model, step)
+        return shown
+
+    def save_fn(step: int) -> None:
+        save_checkpoint(state_path, {**{key: holder.state_dict() for key, holder in stateful.items()}, "step": step})
+
+    return train_loop(name, args, state.get("step", 0), step_fn, save_fn)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int) -> None:
+    """EMA with decay min(EMA_DECAY, (1 + step) / (10 + step)): early steps are not averaged with the init."""
+    decay = min(EMA_DECAY, (1 + step) / (10 + step))
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1 - decay)
 
 
 def batches(total: int, size: int) -> Iterator[slice]:

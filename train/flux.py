@@ -28,13 +28,12 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from pipeline_flux import calculate_shift, latent_image_ids, pack_latents
-from train.common import (RUNS_DIR, add_common_arguments, batches, check_common_arguments, load_checkpoint,
-                          save_checkpoint, seed_everything, step_generator, train_loop)
+from train.common import (RUNS_DIR, add_common_arguments, batches, check_common_arguments, save_checkpoint,
+                          seed_everything, step_generator, train)
 from train.scenes import caption, render_batch, scenes
 from train.world import T5_TEXT_TOKENS, TRANSFORMER_CONFIG, text_encoder_configs, write_pipeline_skeleton
 
 CAPTION_DROPOUT = 0.1
-EMA_DECAY = 0.998
 LATENT_SIDE = 16  # 128 px / 8
 
 
@@ -98,13 +97,6 @@ def flow_matching_loss(transformer, encoders, pool: dict, indices: torch.Tensor,
     return F.mse_loss(prediction, (noise - x0).to(device))
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int) -> None:
-    decay = min(EMA_DECAY, (1 + step) / (10 + step))
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param, 1 - decay)
-
-
 def write_pipeline(out: Path, skeleton: Path, vae_folder: Path, ema: torch.nn.ModuleDict) -> Path:
     """The diffusers FLUX folder: skeleton (index, scheduler, tokenizers), EMA models, the trained VAE."""
     target = out / "pipeline"
@@ -124,7 +116,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, steps=3000, batch_size=32, lr=4e-4)
     parser.add_argument("--vae", type=Path, default=RUNS_DIR / "vae" / "vae", help="trained VAE folder (train.vae)")
-    parser.add_argument("--pool", type=int, default=16000, help="training scenes encoded once")
+    parser.add_argument("--pool", type=int, default=12000, help="training scenes encoded once")
     parser.add_argument("--out", type=Path, default=RUNS_DIR / "flux")
     args = parser.parse_args(argv)
     check_common_arguments(parser, args)
@@ -149,35 +141,17 @@ def main(argv=None) -> None:
         "encoders": TextEncoders(CLIPTextModel(clip_config), T5EncoderModel(t5_config)),
     }).to(args.device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.03)
-    state_path = args.out / "state.pt"
-    state = load_checkpoint(state_path)
-    if state:
-        for name, module in (("model", model), ("ema", ema), ("optimizer", optimizer), ("schedule", schedule)):
-            module.load_state_dict(state[name])
-        print(f"resuming {state_path} at step {state['step']}")
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model["encoders"].named_children()}
     counts["transformer"] = sum(p.numel() for p in model["transformer"].parameters())
     print("parameters: " + ", ".join(f"{name} {count / 1e6:.2f} M" for name, count in counts.items()), flush=True)
 
-    def step_fn(step: int) -> dict:
+    def loss_fn(step: int):
         generator = step_generator(args.seed, step)
         indices = torch.randint(len(pool["latents"]), (args.batch_size,), generator=generator)
         loss = flow_matching_loss(model["transformer"], model["encoders"], pool, indices, generator, mu, args.device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(); schedule.step()
-        update_ema(ema, model, step)
-        return {"loss": loss.item()}
+        return loss, {"loss": loss.item()}
 
-    def save_fn(step: int) -> None:
-        save_checkpoint(state_path, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                     "step": step})
-
-    seconds = train_loop("flux", args, state.get("step", 0), step_fn, save_fn)
+    seconds = train("flux", args, model, loss_fn, weight_decay=0.01, max_grad_norm=1.0, ema=ema)
     if seconds is None:
         return
     folder = write_pipeline(args.out, skeleton, args.vae, ema.cpu())

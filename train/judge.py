@@ -20,8 +20,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenize
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from models.demo_checkpoint import CLIP_BOS, CLIP_EOS, CLIP_MAX_LENGTH, clip_byte_vocabulary, write_clip_tokenizer
-from train.common import (RUNS_DIR, add_common_arguments, check_common_arguments, load_checkpoint, save_checkpoint,
-                          seed_everything, step_generator, train_loop)
+from train.common import RUNS_DIR, add_common_arguments, check_common_arguments, seed_everything, step_generator, train
 from train.scenes import caption, render_batch, scenes
 from train.world import caption_words
 
@@ -91,32 +90,17 @@ def main(argv=None) -> None:
     processors = write_processors(args.out / "processors")
     tokenizer = CLIPTokenizer.from_pretrained(processors)
     model = CLIPModel(judge_config()).to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
-    state_path = args.out / "state.pt"
-    state = load_checkpoint(state_path)
-    if state:
-        for name, module in (("model", model), ("optimizer", optimizer), ("schedule", schedule)):
-            module.load_state_dict(state[name])
-        print(f"resuming {state_path} at step {state['step']}")
 
-    def step_fn(step: int) -> dict:
+    def loss_fn(step: int):
         scene_seed = int(step_generator(args.seed, step).initial_seed() % 2**63)
         batch = scenes(scene_seed, args.batch_size)
         inputs = text_ids(tokenizer, [caption(scene) for scene in batch])
         output = model(input_ids=inputs.input_ids.to(args.device), attention_mask=inputs.attention_mask.to(args.device),
                        pixel_values=pixel_values(torch.from_numpy(render_batch(batch))).to(args.device),
                        return_loss=True)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        optimizer.step(); schedule.step()
-        return {"loss": output.loss.item()}
+        return output.loss, {"loss": output.loss.item()}
 
-    def save_fn(step: int) -> None:
-        save_checkpoint(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "schedule": schedule.state_dict(), "step": step})
-
-    seconds = train_loop("judge", args, state.get("step", 0), step_fn, save_fn)
+    seconds = train("judge", args, model, loss_fn, weight_decay=0.1)
     if seconds is None:
         return
     model.eval()

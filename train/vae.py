@@ -20,12 +20,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from train.common import (RUNS_DIR, add_common_arguments, check_common_arguments, load_checkpoint, save_checkpoint,
-                          seed_everything, step_generator, train_loop)
+from train.common import RUNS_DIR, add_common_arguments, check_common_arguments, seed_everything, step_generator, train
 from train.scenes import render_batch, scenes
 
 VAE_CONFIG = dict(
@@ -77,28 +75,13 @@ def main(argv=None) -> None:
     check_common_arguments(parser, args)
     seed_everything(args.seed)
     vae = AutoencoderKL(**VAE_CONFIG).to(args.device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
-    state_path = args.out / "state.pt"
-    state = load_checkpoint(state_path)
-    if state:
-        vae.load_state_dict(state["model"]); optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        print(f"resuming {state_path} at step {state['step']}")
 
-    def step_fn(step: int) -> dict:
+    def loss_fn(step: int):
         losses = vae_loss(vae, scene_batch(args.seed, step, args.batch_size).to(args.device))
         loss = losses["l1"] + losses["mse"] + KL_WEIGHT * losses["kl"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step(); schedule.step()
-        return {name: value.item() for name, value in losses.items()}
+        return loss, {name: value.item() for name, value in losses.items()}
 
-    def save_fn(step: int) -> None:
-        save_checkpoint(state_path, {"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "schedule": schedule.state_dict(), "step": step})
-
-    seconds = train_loop("vae", args, state.get("step", 0), step_fn, save_fn)
+    seconds = train("vae", args, vae, loss_fn, weight_decay=0.0)
     if seconds is None:
         return
     vae.eval()
