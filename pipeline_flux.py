@@ -16,13 +16,15 @@ from PIL import Image
 
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.nn.utils import no_init_parameters
 from mindone.diffusers import AutoencoderKL as MindoneAutoencoderKL
 from mindone.diffusers import FlowMatchEulerDiscreteScheduler
 from mindone.diffusers import FluxTransformer2DModel as MindoneFluxTransformer
 from mindone.transformers import CLIPTextModel, T5EncoderModel
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from models.loading import check_weights_match, model_folder, stored_tensors, weight_files
+from models.demo_checkpoint import TRANSFORMERS_WEIGHTS_NAME, checkpoint_shapes
+from models.loading import check_weights_match, model_folder, stored_tensors, weight_files, without_ignored
 from models.t5_position_buckets import use_exact_t5_position_buckets
 from models.transformer_flux import FluxTransformer2DModel
 from models.transformer_flux_withFBCache import FBCachedTransformer
@@ -120,6 +122,21 @@ def load_mindone_model(cls, path: str, subfolder: str, dtype: ms.Type):
     return model
 
 
+def load_text_encoder(cls, folder: Path, dtype: ms.Type):
+    """mindone's transformers loader only warns about missing weights and leaves them random (the same
+    seed then gives other images): names and shapes are checked against the files first. The tied copy
+    of T5's embedding (`encoder.embed_tokens.weight`, which FLUX.1's file also stores) and
+    transformers' ignorable buffers are allowed."""
+    config = cls.config_class.from_pretrained(folder)
+    with no_init_parameters():
+        expected = checkpoint_shapes(cls(config))
+    ignored = tuple(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()) + tuple(
+        getattr(cls, "_tied_weights_keys", None) or ())
+    check_weights_match(expected, without_ignored(stored_tensors(weight_files(folder, TRANSFORMERS_WEIGHTS_NAME)),
+                                                  ignored), folder)
+    return cls.from_pretrained(str(folder), config=config, dtype=dtype)
+
+
 class MindoneVAEDecoder(nn.Cell):
     """mindone's AutoencoderKL behind the portable decoder's interface: calling it decodes latents."""
 
@@ -173,9 +190,9 @@ class FluxPipeline:
         return cls(
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(root / "scheduler")),
             vae=vae,
-            text_encoder=CLIPTextModel.from_pretrained(str(root / "text_encoder"), dtype=mindspore_dtype),
+            text_encoder=load_text_encoder(CLIPTextModel, root / "text_encoder", mindspore_dtype),
             tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True),
-            text_encoder_2=T5EncoderModel.from_pretrained(str(root / "text_encoder_2"), dtype=mindspore_dtype),
+            text_encoder_2=load_text_encoder(T5EncoderModel, root / "text_encoder_2", mindspore_dtype),
             tokenizer_2=T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"), local_files_only=True),
             transformer=transformer,
         )

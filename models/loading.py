@@ -55,9 +55,11 @@ def read_config(folder: Path, class_name: str, required_keys: Tuple[str, ...]) -
     return config
 
 
-def weight_files(folder: Path) -> List[Path]:
-    """The safetensors files of a folder: the shards its index names, or the single weights file."""
-    index_path = folder / INDEX_NAME
+def weight_files(folder: Path, weights_name: str = WEIGHTS_NAME) -> List[Path]:
+    """The safetensors files of a folder: the shards its index names, or the single weights file
+    (diffusers names it diffusion_pytorch_model.safetensors, transformers model.safetensors)."""
+    index_name = weights_name + ".index.json"
+    index_path = folder / index_name
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -68,9 +70,9 @@ def weight_files(folder: Path) -> List[Path]:
         if absent:
             raise FileNotFoundError(f"{index_path} lists shards that are missing: {absent}")
         return files
-    single = folder / WEIGHTS_NAME
+    single = folder / weights_name
     if not single.is_file():
-        raise FileNotFoundError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+        raise FileNotFoundError(f"{folder} has neither {weights_name} nor {index_name}")
     return [single]
 
 

@@ -204,3 +204,16 @@ def test_mindone_models_load_strictly_and_take_the_cached_forward(folder, tmp_pa
     save_file(tensors, weights)
     with pytest.raises(CheckpointError, match="lacks 1 weight.*proj_out.bias"):
         FluxPipeline.from_pretrained(str(broken), use_mindone_models=True)
+
+
+@pytest.mark.parametrize("subfolder,weight", [("text_encoder", "text_model.final_layer_norm.weight"),
+                                              ("text_encoder_2", "encoder.final_layer_norm.weight")])
+def test_text_encoder_weights_are_checked_strictly(folder, tmp_path, subfolder, weight):
+    """A missing text-encoder weight would be left random by mindone's loader: it is an error instead."""
+    broken = shutil.copytree(folder, tmp_path / "broken")
+    weights = broken / subfolder / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors[weight]
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match=f"lacks 1 weight.*{weight}"):
+        FluxPipeline.from_pretrained(str(broken))
