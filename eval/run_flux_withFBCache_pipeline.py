@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt", nargs="+", help="one or more prompts (default: one the checkpoint can draw)")
     parser.add_argument("--negative_prompt", nargs="+",
                         help="negative prompt(s), one or one per prompt; used with --true_cfg_scale > 1 "
-                             "(default \"\" on the trained emoji model)")
+                             "(default \"\" when --true_cfg_scale > 1)")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"),
                         help="multiples of 16 (default 1024 1024 with --ckpt; 128 128 emoji, 256 256 demo/mid)")
     parser.add_argument("--save_path", type=Path, default=REPO_ROOT / "outputs", help="folder for the PNGs")
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
     if args.negative_prompt is None and args.true_cfg_scale > 1:
-        args.negative_prompt = defaults["negative_prompt"]
+        args.negative_prompt = [""]
     if any(side <= 0 or side % 16 for side in args.image_size):
         parser.error(f"--image_size must be positive multiples of 16 (8x VAE downsampling, 2x2 packing), "
                      f"got {args.image_size[0]} {args.image_size[1]}")

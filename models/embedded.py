@@ -19,13 +19,13 @@ EMBEDDED = (TRAINED, *sorted(TRANSFORMER_CONFIGS))
 
 # What each kind of checkpoint generates by default. The trained model was trained at 128x128 on 32
 # padded T5 tokens (its tokenizer's model_max_length) with caption dropout, so it is guided by true CFG
-# against the empty prompt.
+# against the empty prompt (the CLI's negative prompt whenever true CFG is asked for without one).
 GENERATION_DEFAULTS: Dict[str, dict] = {
-    TRAINED: dict(image_size=(128, 128), num_inference_steps=28, true_cfg_scale=4.0, negative_prompt=[""],
-                  prompt=["a koala at the top left and a hamburger on the right, on a light blue background"]),
-    "random": dict(image_size=(256, 256), num_inference_steps=8, true_cfg_scale=1.0, negative_prompt=None,
+    TRAINED: dict(image_size=(128, 128), num_inference_steps=28, true_cfg_scale=4.0,
+                  prompt=["a large red apple in the center, on a white background"]),
+    "random": dict(image_size=(256, 256), num_inference_steps=8, true_cfg_scale=1.0,
                    prompt=["A cat holding a sign that says hello world"]),
-    "flux": dict(image_size=(1024, 1024), num_inference_steps=28, true_cfg_scale=1.0, negative_prompt=None,
+    "flux": dict(image_size=(1024, 1024), num_inference_steps=28, true_cfg_scale=1.0,
                  prompt=["A cat holding a sign that says hello world"]),
 }
 

@@ -540,7 +540,10 @@ def test_generation_layout_manifest_and_resume(generated, capsys):
     checkpoint, out = generated
     names = ["00000.png", "00001.png"]
     for setting in ("baseline", CACHED):
-        assert sorted(path.name for path in (out / setting / "64x64").iterdir()) == names
+        assert sorted(path.name for path in (out / setting / "64x64").iterdir()) == names + [generate.GENERATION_LOG]
+    log = [json.loads(line) for line in (out / CACHED / "64x64" / generate.GENERATION_LOG).read_text().splitlines()]
+    assert [record["image"] for record in log] == names and all(record["seconds"] > 0 for record in log)
+    assert all(record["steps_cached"] == {"cond": 1} for record in log)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["prompts"] == list(PROMPT_SETS["smoke"][:2]) and manifest["seeds"] == [DEFAULT_SEED,
                                                                                            DEFAULT_SEED + 1]
