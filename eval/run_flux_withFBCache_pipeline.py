@@ -24,10 +24,9 @@ from pipeline_flux import DTYPES, FBCacheConfig, FluxPipeline  # noqa: E402
 from utils import MAX_TAYLOR_ORDER, format_summary  # noqa: E402
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", help="diffusers-format FLUX folder; default: the embedded demo checkpoint")
+    parser.add_argument("--ckpt", help="diffusers-format FLUX folder; default: the shipped emoji-world Flux")
     parser.add_argument("--demo_config", choices=EMBEDDED, default=TRAINED,
                         help="embedded checkpoint without --ckpt: the trained 'emoji' model (default), or the "
                              "random-weight 'demo' / larger 'mid'")
