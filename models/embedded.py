@@ -1,7 +1,8 @@
 """The embedded checkpoints every entry point runs without --ckpt, and their generation defaults.
 
 - `emoji` (the default): the shipped small Flux trained on the emoji world (`train/`), committed under
-  `assets/flux-emoji/`; it draws recognisable scenes and its cache skips steps at realistic thresholds.
+  `assets/flux-emoji/`; it draws the backgrounds, colours and rough layout its prompts ask for (emoji as
+  soft blobs), and its cache skips steps at realistic thresholds.
 - `demo` and `mid`: RANDOM-weight pipelines in the same layout, created on first use under
   `checkpoints/` (parity tests, and `mid` for compute benchmarks); they draw noise.
 """

@@ -16,7 +16,6 @@ from mindspore.nn.utils import no_init_parameters
 from mindone.safetensors.mindspore import load_file
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = WEIGHTS_NAME + ".index.json"
 SUPPORTED_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 MAX_LISTED_KEYS = 10
 

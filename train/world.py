@@ -3,7 +3,7 @@ vocabulary, and the pipeline folder they are written into (diffusers FLUX layout
 
 Tokenizers are FLUX's kinds (byte-level BPE CLIP, Unigram T5) whose merges / pieces hold every caption
 word whole, so a caption is one token per word. T5 keeps `model_max_length` = 32: the longest caption
-is 29 tokens with `</s>`, and the transformer is trained on 32 padded T5 tokens, so the pipeline's
+is 28 tokens with `</s>`, and the transformer is trained on 32 padded T5 tokens, so the pipeline's
 default text length must be the same 32 (FLUX.1 itself uses 512, or 256 for schnell).
 """
 
