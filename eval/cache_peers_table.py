@@ -1,0 +1,381 @@
+"""Our First-Block Cache against every peer cache accelerator, on the same shipped weights and prompts.
+
+    python eval/cache_peers_table.py --out outputs/cache_peers --steps 28
+
+Ours runs in MindSpore graph mode (pipeline_flux.FluxPipeline); the peers run in torch on the identical
+diffusers folder (eval/peer_caches.py): diffusers' FirstBlockCache, TaylorSeerCache (default: attention
+modules; lite: whole blocks) and MagCache (ratios calibrated on this model), and cache-dit's DBCache
+(F1B0 and F2B0, with and without its TaylorSeer calibrator, and its steps-computation masks). Every
+setting generates the held-out prompts with one fixed noise per prompt, true CFG, 128x128.
+
+Per setting: the fraction of transformer-block FLOPs executed (counted in torch; for ours from the
+blocks each step ran, with torch's per-block counts) and its inverse, the compute speedup; steps
+computed per CFG branch; the wall-time speedup over the same framework's uncached run (median seconds
+per image; compiles land in the first image); PSNR / SSIM against the same framework's uncached image;
+the judge's CLIP score; the Frechet distance of the judge's image features to real renders.
+
+Images and per-image records are written as they are made, so an interrupted run resumes where it
+stopped. Outputs: results.json, table.md and psnr_vs_compute.png in --out.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+RESULTS_NAME, TABLE_NAME, PLOT_NAME = "results.json", "table.md", "psnr_vs_compute.png"
+RECORDS_NAME = "records.jsonl"
+HEIGHT = WIDTH = 128
+TRUE_CFG_SCALE = 4.0
+THRESHOLDS = (0.05, 0.08, 0.12, 0.16, 0.24, 0.32)
+MASK_POLICIES = ("slow", "medium", "fast", "ultra")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row: `method` names the implementation, `params` its arguments (FBCacheConfig fields for ours)."""
+
+    name: str
+    method: str
+    params: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def framework(self) -> str:
+        return "mindspore" if self.method in ("ours", "ours_baseline") else "torch"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method.endswith("baseline")
+
+
+def threshold_name(prefix: str, threshold: float, suffix: str = "") -> str:
+    return f"{prefix}_{threshold:g}{suffix}"
+
+
+def sweep() -> List[Setting]:
+    """The settings compared: thresholds spanning ~1.3x to beyond 4x compute speedup on this model."""
+    settings = [Setting("torch_baseline", "torch_baseline"), Setting("ours_baseline", "ours_baseline")]
+    settings += [Setting(threshold_name("diffusers_fbc", t), "diffusers_fbc", dict(threshold=t)) for t in THRESHOLDS]
+    for lite in (False, True):
+        settings += [Setting(f"diffusers_taylorseer{'_lite' if lite else ''}_i{interval}", "diffusers_taylorseer",
+                             dict(cache_interval=interval, disable_cache_before_step=3, max_order=1,
+                                  use_lite_mode=lite)) for interval in (2, 3, 4, 6)]
+    settings += [Setting(threshold_name("magcache", t), "magcache", dict(threshold=t))
+                 for t in (0.03, 0.06, 0.12, 0.24, 0.5)]
+    for order in (0, 1):
+        suffix = f"_ts{order}" if order else ""
+        settings += [Setting(threshold_name("cachedit_F1B0", t, suffix), "cachedit",
+                             dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=t,
+                                  max_warmup_steps=4, taylorseer_order=order)) for t in THRESHOLDS[1:]]
+        settings += [Setting(threshold_name("cachedit_F2B0", t, suffix), "cachedit",
+                             dict(Fn_compute_blocks=2, Bn_compute_blocks=0, residual_diff_threshold=t,
+                                  max_warmup_steps=4, taylorseer_order=order)) for t in (0.12, 0.24)]
+    settings += [Setting(f"cachedit_mask_{policy}_ts1", "cachedit",
+                         dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.12,
+                              max_warmup_steps=4, taylorseer_order=1, mask_policy=policy))
+                 for policy in MASK_POLICIES]
+    for order in (0, 1, 2):
+        settings += [Setting(threshold_name("ours", t, f"_o{order}"), "ours",
+                             dict(residual_diff_threshold=t, taylorseer_derivative=order)) for t in THRESHOLDS]
+    settings += [Setting(threshold_name("ours_F2B1", t, "_o1"), "ours",
+                         dict(residual_diff_threshold=t, taylorseer_derivative=1, fn_compute_blocks=2,
+                              bn_compute_blocks=1)) for t in (0.12, 0.24)]
+    settings.append(Setting("ours_0.32_o1_w4_mc2", "ours", dict(residual_diff_threshold=0.32, taylorseer_derivative=1,
+                                                                 warmup_steps=4, max_continuous_cached_steps=2)))
+    return settings
+
+
+def method_family(setting: Setting) -> str:
+    """The curve a setting belongs to in the plot."""
+    if setting.method == "ours":
+        p = setting.params
+        if p.get("fn_compute_blocks", 1) != 1 or p.get("warmup_steps", 0) or p.get("max_continuous_cached_steps", -1) >= 0:
+            return "ours (other)"
+        return f"ours order {p.get('taylorseer_derivative', 0)}"
+    if setting.method == "diffusers_taylorseer":
+        return "diffusers TaylorSeer" + (" lite" if setting.params["use_lite_mode"] else "")
+    if setting.method == "cachedit":
+        p = setting.params
+        kind = "mask" if "mask_policy" in p else f"F{p['Fn_compute_blocks']}B{p['Bn_compute_blocks']}"
+        return f"cache-dit {kind}" + (" +TaylorSeer" if p.get("taylorseer_order") else "")
+    return {"diffusers_fbc": "diffusers FirstBlockCache", "magcache": "diffusers MagCache"}.get(setting.method,
+                                                                                              setting.method)
+
+
+# ----- generation -----
+
+class SettingRun:
+    """Where one setting's images and per-image records live, and which prompts are done."""
+
+    def __init__(self, root: Path, setting: Setting):
+        self.folder = root / setting.name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.records_path = self.folder / RECORDS_NAME
+
+    def records(self) -> Dict[int, dict]:
+        if not self.records_path.is_file():
+            return {}
+        records = {}
+        for line in self.records_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["prompt"]] = record
+        return records
+
+    def image_path(self, index: int) -> Path:
+        return self.folder / f"{index:05d}.png"
+
+    def save(self, index: int, image: np.ndarray, record: dict, keep_float: bool) -> None:
+        from generate_clip_score_datas import write_atomically
+
+        pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+        write_atomically(self.image_path(index), lambda partial: Image.fromarray(pixels).save(partial, format="PNG"))
+        if keep_float:
+            write_atomically(self.folder / f"{index:05d}.npy", lambda partial: np.save(open(partial, "wb"), image))
+        with open(self.records_path, "a") as log:  # the record comes last: a record means a complete image
+            log.write(json.dumps(record) + "\n")
+
+
+def initial_latents(seed: int) -> np.ndarray:
+    from pipeline_flux import pack_latents
+
+    noise = np.random.default_rng(seed).standard_normal((1, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    return pack_latents(noise)
+
+
+def per_call_fractions(calls: Sequence[Dict[str, float]], full_cost: Dict[str, float]) -> List[float]:
+    total = sum(full_cost.values())
+    return [sum(call.values()) / total for call in calls]
+
+
+def generate_torch(settings: Sequence[Setting], root: Path, prompts: Sequence[str], steps: int, folder: str,
+                   text_tokens: int) -> Dict[str, float]:
+    """Every torch setting; returns the per-block FLOPs of one uncached call (measured on the baseline)."""
+    from eval import peer_caches
+
+    cost_path = root / "block_flops.json"
+    ratios_path = root / "mag_ratios.json"
+
+    def one_image(pipeline, index: int) -> np.ndarray:
+        return peer_caches.generate(pipeline, prompts[index], initial_latents(index), HEIGHT, WIDTH, steps,
+                                    TRUE_CFG_SCALE, text_tokens)
+
+    for setting in settings:
+        run = SettingRun(root, setting)
+        todo = [index for index in range(len(prompts)) if index not in run.records()]
+        if not todo:
+            continue
+        pipeline = peer_caches.load_pipeline(folder)
+        pipeline.set_progress_bar_config(disable=True)
+        if setting.method == "magcache" and not ratios_path.is_file():
+            ratios = peer_caches.calibrate_mag_ratios(pipeline, lambda p: one_image(p, 0), steps)
+            ratios_path.write_text(json.dumps(ratios))
+        mag_ratios = json.loads(ratios_path.read_text()) if setting.method == "magcache" else None
+        if not setting.is_baseline:
+            peer_caches.apply_peer(pipeline, setting.method, setting.params, steps, mag_ratios)
+        counter = peer_caches.BlockComputeCounter(text_tokens).attach(pipeline.transformer)
+        for index in tqdm(todo, desc=f"{steps} steps {setting.name}", leave=False):
+            counter.calls.clear()
+            start = time.perf_counter()
+            image = one_image(pipeline, index)
+            seconds = time.perf_counter() - start
+            if setting.is_baseline and not cost_path.is_file():
+                cost_path.write_text(json.dumps(counter.full_cost()))
+            block_cost = json.loads(cost_path.read_text())
+            fractions = per_call_fractions(counter.calls, block_cost)
+            run.save(index, image, {"prompt": index, "seconds": seconds, "call_fractions": fractions},
+                     keep_float=setting.is_baseline)
+        counter.detach()
+    return json.loads(cost_path.read_text())
+
+
+def ours_call_fractions(summaries: Dict[str, dict], fn_blocks: int, bn_blocks: int,
+                        block_cost: Dict[str, float]) -> List[float]:
+    """Per transformer call (cond, uncond interleaved as diffusers calls them): the fraction of block FLOPs
+    run. A cached step runs the first Fn and last Bn blocks."""
+    costs = list(block_cost.values())
+    cached_cost = (sum(costs[:fn_blocks]) + sum(costs[len(costs) - bn_blocks:])) / sum(costs)
+    branches = [summaries[name]["cached"] for name in ("cond", "uncond") if name in summaries]
+    return [cached_cost if decisions[step] else 1.0 for step in range(len(branches[0])) for decisions in branches]
+
+
+def generate_ours(settings: Sequence[Setting], root: Path, prompts: Sequence[str], steps: int, folder: str,
+                  block_cost: Dict[str, float]) -> None:
+    import mindspore as ms
+
+    from pipeline_flux import FBCacheConfig, FluxPipeline
+
+    ms.set_context(mode=ms.GRAPH_MODE)  # the product; mindone's T5 has no PyNative CPU kernel
+    pipeline = None
+    for setting in settings:
+        run = SettingRun(root, setting)
+        todo = [index for index in range(len(prompts)) if index not in run.records()]
+        if not todo:
+            continue
+        pipeline = pipeline or FluxPipeline.from_pretrained(folder)
+        cache = None if setting.is_baseline else FBCacheConfig(**setting.params)
+        for index in tqdm(todo, desc=f"{steps} steps {setting.name}", leave=False):
+            start = time.perf_counter()
+            output = pipeline(prompts[index], negative_prompt="", true_cfg_scale=TRUE_CFG_SCALE, height=HEIGHT,
+                              width=WIDTH, num_inference_steps=steps, latents=initial_latents(index),
+                              output_type="np", cache=cache)
+            seconds = time.perf_counter() - start
+            fractions = ([1.0] * 2 * steps if cache is None else
+                         ours_call_fractions(output.cache_summaries, cache.fn_compute_blocks,
+                                             cache.bn_compute_blocks, block_cost))
+            run.save(index, np.asarray(output.images[0], np.float32),
+                     {"prompt": index, "seconds": seconds, "call_fractions": fractions}, keep_float=setting.is_baseline)
+
+
+# ----- scoring -----
+
+def baseline_agreement(root: Path, count: int) -> float:
+    """Max |ours - torch| over the uncached images' float pixels."""
+    return max(float(np.abs(np.load(root / "ours_baseline" / f"{i:05d}.npy") -
+                            np.load(root / "torch_baseline" / f"{i:05d}.npy")).max()) for i in range(count))
+
+
+def score(settings: Sequence[Setting], root: Path, prompts: Sequence[str], real_dir: Path) -> List[dict]:
+    from flux_accuracy_test import load_images, mean_pair_metrics
+    from eval.feature_extractors import CLIPScorer
+    from eval.image_metrics import fid_from_features
+    from models.embedded import SHIPPED_JUDGE
+
+    judge = CLIPScorer(SHIPPED_JUDGE)
+    count = len(prompts)
+    real_features = judge.image_embeds(load_images(sorted(real_dir.glob("*.png"))[:count]))
+    rows, baselines, baseline_seconds = [], {}, {}
+    for setting in sorted(settings, key=lambda s: not s.is_baseline):
+        run = SettingRun(root, setting)
+        records = run.records()
+        images = load_images([run.image_path(index) for index in range(count)])
+        seconds = statistics.median(records[index]["seconds"] for index in range(count))
+        fractions = np.array([records[index]["call_fractions"] for index in range(count)])
+        row = {"setting": setting.name, "method": setting.method, "family": method_family(setting),
+               "framework": setting.framework, "params": setting.params, "images": count,
+               "compute_fraction": float(fractions.mean()), "compute_speedup": float(1 / fractions.mean()),
+               "steps_computed": [float((fractions[:, branch::2] > 0.999).sum(1).mean()) for branch in (0, 1)],
+               "seconds_per_image": seconds,
+               "clip_score": float(np.mean(judge(images, list(prompts)))),
+               "frechet_distance": fid_from_features(judge.image_embeds(images), real_features)}
+        if setting.is_baseline:
+            baselines[setting.framework], baseline_seconds[setting.framework] = images, seconds
+            row.update(psnr=None, ssim=None, wall_speedup=1.0)
+        else:
+            row.update(mean_pair_metrics(images, baselines[setting.framework]),
+                       wall_speedup=baseline_seconds[setting.framework] / seconds)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[dict], steps: int) -> str:
+    lines = [f"| setting ({steps} steps) | framework | block compute | compute speedup | steps computed (cond / uncond) "
+             "| wall speedup | PSNR (dB) | SSIM | judge CLIP | Frechet to real |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (not r["setting"].endswith("baseline"), r["family"], r["compute_speedup"])):
+        def value(key: str, digits: int) -> str:
+            return "-" if row[key] is None else f"{row[key]:.{digits}f}"
+        lines.append(f"| {row['setting']} | {row['framework']} | {row['compute_fraction']:.3f} | "
+                     f"{row['compute_speedup']:.2f}x | {row['steps_computed'][0]:.1f} / {row['steps_computed'][1]:.1f} | "
+                     f"{row['wall_speedup']:.2f}x | {value('psnr', 2)} | {value('ssim', 4)} | "
+                     f"{row['clip_score']:.2f} | {row['frechet_distance']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: Dict[str, List[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5.5), squeeze=False)
+    for axis, (steps, rows) in zip(axes[0], sorted(results.items())):
+        families: Dict[str, List[dict]] = {}
+        for row in rows:
+            if row["psnr"] is not None:
+                families.setdefault(row["family"], []).append(row)
+        for family, members in sorted(families.items()):
+            members.sort(key=lambda r: r["compute_speedup"])
+            style = "-" if family.startswith("ours") else "--"
+            axis.plot([r["compute_speedup"] for r in members], [r["psnr"] for r in members], style, marker="o",
+                      label=family, linewidth=2.2 if family.startswith("ours") else 1.2)
+        axis.set_xlabel("compute speedup (transformer-block FLOPs, uncached / cached)")
+        axis.set_ylabel("PSNR against the uncached image (dB)")
+        axis.set_title(f"shipped emoji Flux, {steps} steps, true CFG {TRUE_CFG_SCALE:g}")
+        axis.axvspan(1.5, 4.0, color="0.93", zorder=0)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ----- command line -----
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "cache_peers")
+    parser.add_argument("--steps", type=int, nargs="+", default=[28], help="denoising step counts (default: 28)")
+    parser.add_argument("--num_prompts", type=int, default=32, help="held-out prompts, 2 to 32 (default: 32)")
+    parser.add_argument("--settings", nargs="+", help="only these settings (names as in the table; the two "
+                        "baselines are always run); default: the whole sweep")
+    parser.add_argument("--list", action="store_true", help="print the sweep's setting names and exit")
+    args = parser.parse_args(argv)
+    known = {setting.name for setting in sweep()}
+    unknown = sorted(set(args.settings or ()) - known)
+    if unknown:
+        parser.error(f"unknown settings {unknown}; --list prints the names")
+    if not 2 <= args.num_prompts <= 32:
+        parser.error(f"--num_prompts must lie in [2, 32] (a Frechet distance needs 2 images), got {args.num_prompts}")
+    if any(steps < 4 for steps in args.steps):
+        parser.error(f"--steps must each be >= 4, got {args.steps}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[dict]]:
+    args = parse_args(argv)
+    settings = sweep()
+    if args.list:
+        print("\n".join(setting.name for setting in settings))
+        return {}
+    if args.settings:
+        settings = [s for s in settings if s.is_baseline or s.name in args.settings]
+    from emoji_quality_table import write_real_renders
+    from models.embedded import embedded_checkpoint
+
+    folder = str(embedded_checkpoint())
+    text_tokens = json.loads((Path(folder) / "tokenizer_2" / "tokenizer_config.json").read_text())["model_max_length"]
+    prompts = write_real_renders(args.out / "real", args.num_prompts)
+    results: Dict[str, List[dict]] = {}
+    for steps in args.steps:
+        root = args.out / f"steps{steps}"
+        block_cost = generate_torch([s for s in settings if s.framework == "torch"], root, prompts, steps, folder,
+                                    text_tokens)
+        generate_ours([s for s in settings if s.framework == "mindspore"], root, prompts, steps, folder, block_cost)
+        agreement = baseline_agreement(root, len(prompts))
+        print(f"{steps} steps: uncached images, ours vs torch: max |difference| {agreement:.2e}", flush=True)
+        rows = score(settings, root, prompts, args.out / "real")
+        results[str(steps)] = rows
+        text = markdown(rows, steps)
+        print("\n" + text + "\n", flush=True)
+        (root / TABLE_NAME).write_text(text + "\n")
+        (root / RESULTS_NAME).write_text(json.dumps({"baseline_max_abs_difference": agreement, "rows": rows},
+                                                    indent=1))
+    plot(results, args.out / PLOT_NAME)
+    print(f"wrote {args.out / PLOT_NAME}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
