@@ -51,10 +51,18 @@ class FBCacheConfig:
     max_continuous_cached_steps: int = -1
     fn_compute_blocks: int = 1
     bn_compute_blocks: int = 0
+    forecast_space: str = "step"
+    verify_forecast: bool = False
+    skip_probe_steps: int = 0
+    # With true CFG: the uncond branch takes the cond branch's decision at each step.
+    sync_cfg_branches: bool = False
 
-    def runtime_settings(self) -> dict:
+    def runtime_settings(self, follower: bool) -> dict:
+        """CacheContext.configure arguments; `follow_leader` only for the uncond (follower) context."""
         settings = asdict(self)
-        del settings["fn_compute_blocks"], settings["bn_compute_blocks"]
+        del settings["fn_compute_blocks"], settings["bn_compute_blocks"], settings["sync_cfg_branches"]
+        if follower:
+            settings["follow_leader"] = self.sync_cfg_branches
         return settings
 
 
@@ -227,17 +235,19 @@ class FluxPipeline:
     # ----- cache -----
 
     def cached_transformer(self, branch: str, batch: int, image_tokens: int, text_tokens: int,
-                           cache: FBCacheConfig) -> FBCachedTransformer:
-        """The persistent cached transformer of one CFG branch and shape, reset and reconfigured."""
+                           cache: FBCacheConfig, leader: Optional[CacheContext] = None) -> FBCachedTransformer:
+        """The persistent cached transformer of one CFG branch and shape, reset and reconfigured. The uncond
+        branch's context is built with the cond one as `leader` (used when `cache.sync_cfg_branches`)."""
         key = (branch, batch, image_tokens, text_tokens, cache.fn_compute_blocks, cache.bn_compute_blocks)
         if key not in self._cached_transformers:
             context = CacheContext(batch, image_tokens, self.transformer.inner_dim,
                                    dtype=self.dtype,
                                    fn_compute_blocks=cache.fn_compute_blocks,
-                                   bn_compute_blocks=cache.bn_compute_blocks, text_seq_len=text_tokens)
+                                   bn_compute_blocks=cache.bn_compute_blocks, text_seq_len=text_tokens,
+                                   leader=leader)
             self._cached_transformers[key] = FBCachedTransformer(self.transformer, context)
         cached = self._cached_transformers[key]
-        cached.context.configure(**cache.runtime_settings())
+        cached.context.configure(**cache.runtime_settings(follower=leader is not None))
         cached.context.reset()
         return cached
 
@@ -362,11 +372,11 @@ class FluxPipeline:
         if self.transformer.config.guidance_embeds:
             guidance = ms.Tensor(np.full(batch, guidance_scale, np.float32))
 
-        forwards = {
-            name: self.transformer if cache is None else
-            self.cached_transformer(name, batch, image_tokens, text_ids.shape[0], cache)
-            for name, (_, _, text_ids) in branches.items()
-        }
+        forwards = {}
+        for name, (_, _, text_ids) in branches.items():
+            leader = forwards["cond"].context if name == "uncond" and cache is not None else None
+            forwards[name] = self.transformer if cache is None else self.cached_transformer(
+                name, batch, image_tokens, text_ids.shape[0], cache, leader)
         timesteps = self.scheduler.timesteps
         for step in range(num_inference_steps):
             t = timesteps[step]

@@ -85,23 +85,47 @@ def sweep() -> List[Setting]:
                          dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.12,
                               max_warmup_steps=4, taylorseer_order=1, mask_policy=policy))
                  for policy in MASK_POLICIES]
-    for order in (0, 1, 2):
-        settings += [Setting(threshold_name("ours", t, f"_o{order}"), "ours",
-                             dict(residual_diff_threshold=t, taylorseer_derivative=order)) for t in THRESHOLDS]
+    ours = [("ours", t, dict(taylorseer_derivative=0)) for t in (0.08, 0.12, 0.16, 0.24)]
+    ours += [("ours", t, dict(taylorseer_derivative=order)) for order, t in ((1, 0.12), (1, 0.24), (2, 0.12))]
+    synced = dict(sync_cfg_branches=True)
+    ours += [("ours_verify", t, dict(taylorseer_derivative=1, verify_forecast=True, forecast_space=space, **synced))
+             for space, thresholds in (("step", (0.04, 0.06, 0.08)), ("sigma", (0.04, 0.06))) for t in thresholds]
+    ours += [(f"ours_skip{skips}", t, dict(skip_probe_steps=skips, warmup_steps=3, **synced))
+             for skips, t in ((1, 0.08), (1, 0.12), (2, 0.12), (2, 0.16), (3, 0.16), (3, 0.24))]
+    ours += [("ours_verify_skip1", 0.04, dict(taylorseer_derivative=1, verify_forecast=True, skip_probe_steps=1,
+                                             **synced))]
+    settings += [Setting(ours_name(prefix, t, params), "ours", dict(residual_diff_threshold=t, **params))
+                 for prefix, t, params in ours]
     settings += [Setting(threshold_name("ours_F2B1", t, "_o1"), "ours",
                          dict(residual_diff_threshold=t, taylorseer_derivative=1, fn_compute_blocks=2,
-                              bn_compute_blocks=1)) for t in (0.12, 0.24)]
+                              bn_compute_blocks=1)) for t in (0.12,)]
     settings.append(Setting("ours_0.32_o1_w4_mc2", "ours", dict(residual_diff_threshold=0.32, taylorseer_derivative=1,
                                                                  warmup_steps=4, max_continuous_cached_steps=2)))
     return settings
+
+
+def ours_name(prefix: str, threshold: float, params: dict) -> str:
+    """ours_0.12_o1, ours_verify_0.04_o1_sigma_sync, ours_skip2_0.12_o0_w3_sync, ..."""
+    parts = [prefix, f"{threshold:g}", f"o{params.get('taylorseer_derivative', 0)}"]
+    if params.get("forecast_space") == "sigma":
+        parts.append("sigma")
+    if params.get("warmup_steps"):
+        parts.append(f"w{params['warmup_steps']}")
+    if params.get("sync_cfg_branches"):
+        parts.append("sync")
+    return "_".join(parts)
 
 
 def method_family(setting: Setting) -> str:
     """The curve a setting belongs to in the plot."""
     if setting.method == "ours":
         p = setting.params
-        if p.get("fn_compute_blocks", 1) != 1 or p.get("warmup_steps", 0) or p.get("max_continuous_cached_steps", -1) >= 0:
+        if p.get("fn_compute_blocks", 1) != 1 or p.get("max_continuous_cached_steps", -1) >= 0:
             return "ours (other)"
+        if p.get("skip_probe_steps"):
+            return "ours skip-probe" + (" + verify" if p.get("verify_forecast") else "") + " + sync"
+        if p.get("verify_forecast"):
+            return f"ours verify order {p['taylorseer_derivative']} ({p.get('forecast_space', 'step')}) + sync"
         return f"ours order {p.get('taylorseer_derivative', 0)}"
     if setting.method == "diffusers_taylorseer":
         return "diffusers TaylorSeer" + (" lite" if setting.params["use_lite_mode"] else "")
@@ -203,11 +227,16 @@ def generate_torch(settings: Sequence[Setting], root: Path, prompts: Sequence[st
 def ours_call_fractions(summaries: Dict[str, dict], fn_blocks: int, bn_blocks: int,
                         block_cost: Dict[str, float]) -> List[float]:
     """Per transformer call (cond, uncond interleaved as diffusers calls them): the fraction of block FLOPs
-    run. A cached step runs the first Fn and last Bn blocks."""
+    run. A hit runs the first Fn and last Bn blocks; a probe-skipping step runs none."""
     costs = list(block_cost.values())
-    cached_cost = (sum(costs[:fn_blocks]) + sum(costs[len(costs) - bn_blocks:])) / sum(costs)
-    branches = [summaries[name]["cached"] for name in ("cond", "uncond") if name in summaries]
-    return [cached_cost if decisions[step] else 1.0 for step in range(len(branches[0])) for decisions in branches]
+    hit_cost = (sum(costs[:fn_blocks]) + sum(costs[len(costs) - bn_blocks:])) / sum(costs)
+    branches = [summaries[name] for name in ("cond", "uncond") if name in summaries]
+
+    def cost(summary: dict, step: int) -> float:
+        if summary["probe_skipped"][step]:
+            return 0.0
+        return hit_cost if summary["cached"][step] else 1.0
+    return [cost(summary, step) for step in range(len(branches[0]["cached"])) for summary in branches]
 
 
 def generate_ours(settings: Sequence[Setting], root: Path, prompts: Sequence[str], steps: int, folder: str,

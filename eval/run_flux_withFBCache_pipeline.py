@@ -41,6 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cache a step when the first-block residual changed less than this; <= 0 never caches")
     parser.add_argument("--taylorseer_derivative", type=int, default=0,
                         help=f"forecast order 0-{MAX_TAYLOR_ORDER} of the cached residual (0 = plain reuse)")
+    parser.add_argument("--forecast_space", choices=("step", "sigma"), default="step",
+                        help="variable of the forecast polynomial: step index, or the scheduler's sigma (ODE time)")
+    parser.add_argument("--verify_forecast", action="store_true",
+                        help="gate on the probe residual's own forecast error instead of its raw change")
+    parser.add_argument("--skip_probe_steps", type=int, default=0,
+                        help="after a cache hit, up to this many steps run no block at all (the first-block "
+                             "residual is forecast too); needs --bn_compute_blocks 0")
+    parser.add_argument("--sync_cfg_branches", action="store_true",
+                        help="with true CFG, the uncond branch caches exactly when the cond branch does")
     parser.add_argument("--warmup_steps", type=int, default=0, help="first steps always computed")
     parser.add_argument("--max_cached_steps", type=int, default=-1, help="-1 = no limit")
     parser.add_argument("--max_continuous_cached_steps", type=int, default=-1, help="-1 = no limit")
@@ -89,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--taylorseer_derivative must lie in [0, {MAX_TAYLOR_ORDER}], got {args.taylorseer_derivative}")
     if args.num_inference_steps < 1:
         parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
+    if args.skip_probe_steps < 0 or (args.skip_probe_steps and args.bn_compute_blocks):
+        parser.error(f"--skip_probe_steps must be >= 0, and 0 with --bn_compute_blocks > 0 (a step without the "
+                     f"first blocks has no text stream for the last ones), got {args.skip_probe_steps}")
     if args.no_cache and args.compare_baseline:
         parser.error("--no_cache and --compare_baseline exclude each other")
     return args
@@ -109,7 +121,9 @@ def cache_config(args: argparse.Namespace) -> FBCacheConfig:
         residual_diff_threshold=args.residual_diff_threshold, taylorseer_derivative=args.taylorseer_derivative,
         warmup_steps=args.warmup_steps, max_cached_steps=args.max_cached_steps,
         max_continuous_cached_steps=args.max_continuous_cached_steps, fn_compute_blocks=args.fn_compute_blocks,
-        bn_compute_blocks=args.bn_compute_blocks)
+        bn_compute_blocks=args.bn_compute_blocks, forecast_space=args.forecast_space,
+        verify_forecast=args.verify_forecast, skip_probe_steps=args.skip_probe_steps,
+        sync_cfg_branches=args.sync_cfg_branches)
 
 
 def generate(pipeline: FluxPipeline, args: argparse.Namespace, cache, label: str, steps: int):

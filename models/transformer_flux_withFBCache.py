@@ -13,7 +13,8 @@ Bind before the first call: a compiled graph ignores a later change of `construc
 import types
 from typing import Any, Dict, Optional, Tuple
 
-from mindspore import Tensor, nn
+import mindspore as ms
+from mindspore import Tensor, nn, ops
 
 from models.transformer_flux import check_call_options, embed_inputs, num_blocks, run_blocks
 from utils import CacheContext
@@ -47,25 +48,32 @@ def cached_forward(model, context: CacheContext, hidden_states: Tensor, encoder_
         model, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
     _check_call(model, context, hidden_states, encoder_hidden_states)
 
-    probe_input = hidden_states
-    encoder_hidden_states, hidden_states = run_blocks(
-        model, 0, first_end, hidden_states, encoder_hidden_states, temb, rotary)
-    probe_residual = hidden_states - probe_input
-    diff = context.probe_diff(probe_residual)
-    cached = context.can_cache(diff)
-    if cached:
-        hidden_states = hidden_states + context.forecast()
-        if context.bn_compute_blocks > 0:
-            encoder_hidden_states = encoder_hidden_states + context.text_residual
-        context.update_on_hit()
+    # The scheduler's sigma is the timestep the pipeline passes (t / 1000): the forecast's ODE time.
+    position = context.position(timestep[0])
+    if context.skips_probe():
+        hidden_states = hidden_states + context.forecast_probe_and_middle(position)
+        context.update_on_probe_skip()
+        diff = ops.fill(ms.float32, (), float("nan"))
     else:
-        middle_encoder, middle_hidden = run_blocks(
-            model, first_end, middle_end, hidden_states, encoder_hidden_states, temb, rotary)
-        context.update_on_miss(probe_residual, middle_hidden - hidden_states, middle_encoder - encoder_hidden_states)
-        hidden_states, encoder_hidden_states = middle_hidden, middle_encoder
-    encoder_hidden_states, hidden_states = run_blocks(
-        model, middle_end, num_blocks(model), hidden_states, encoder_hidden_states, temb, rotary)
-    context.finish_step(diff, cached)
+        probe_input = hidden_states
+        encoder_hidden_states, hidden_states = run_blocks(
+            model, 0, first_end, hidden_states, encoder_hidden_states, temb, rotary)
+        probe_residual = hidden_states - probe_input
+        diff = context.probe_diff(probe_residual, position)
+        if context.can_cache(diff):
+            hidden_states = hidden_states + context.forecast(position)
+            if context.bn_compute_blocks > 0:
+                encoder_hidden_states = encoder_hidden_states + context.text_residual
+            context.update_on_hit()
+        else:
+            middle_encoder, middle_hidden = run_blocks(
+                model, first_end, middle_end, hidden_states, encoder_hidden_states, temb, rotary)
+            context.update_on_miss(probe_residual, middle_hidden - hidden_states,
+                                   middle_encoder - encoder_hidden_states, position)
+            hidden_states, encoder_hidden_states = middle_hidden, middle_encoder
+        encoder_hidden_states, hidden_states = run_blocks(
+            model, middle_end, num_blocks(model), hidden_states, encoder_hidden_states, temb, rotary)
+    context.finish_step(diff)
     return (model.proj_out(model.norm_out(hidden_states, temb)),)
 
 

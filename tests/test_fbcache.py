@@ -14,6 +14,7 @@ from conftest import set_mode
 from models.transformer_flux import FluxTransformer2DModel
 from models.transformer_flux import embed_inputs
 from models.transformer_flux_withFBCache import enable_fbcache
+from pipeline_flux import calculate_shift
 from torch_reference import SMALL_CONFIG, make_inputs, relative_max_error, write_torch_checkpoint
 from utils import CacheContext
 
@@ -160,9 +161,9 @@ class TaylorUpdate(nn.Cell):
         super().__init__()
         self.context = context
 
-    def construct(self, residual: Tensor) -> Tensor:
-        self.context.update_taylor(residual)
-        return self.context.finish_step(ms.ops.zeros((), ms.float32), ms.ops.zeros((), ms.bool_))
+    def construct(self, residual: Tensor, sigma: Tensor) -> Tensor:
+        self.context.update_taylor(residual, self.context.position(sigma))
+        return self.context.finish_step(ms.ops.zeros((), ms.float32))
 
 
 class TaylorForecast(nn.Cell):
@@ -172,9 +173,9 @@ class TaylorForecast(nn.Cell):
         super().__init__()
         self.context = context
 
-    def construct(self) -> Tensor:
-        forecast = self.context.forecast()
-        self.context.finish_step(ms.ops.zeros((), ms.float32), ms.ops.ones((), ms.bool_))
+    def construct(self, sigma: Tensor) -> Tensor:
+        forecast = self.context.forecast(self.context.position(sigma))
+        self.context.finish_step(ms.ops.zeros((), ms.float32))
         return forecast
 
 
@@ -184,31 +185,154 @@ COMPUTED_STEPS = {0, 1, 2, 3, 5, 6, 9}
 TAYLOR_STEPS = 12
 
 
-@pytest.mark.parametrize("order", [0, 1, 2, 3])
-def test_polynomial_residual_of_degree_order_is_forecast_exactly(order):
+def flux_sigmas(steps: int) -> np.ndarray:
+    """The pipeline's shifted schedule at 128x128 (64 image tokens): unevenly spaced in sigma."""
+    mu = calculate_shift(64)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    return np.exp(mu) / (np.exp(mu) + (1 / sigmas - 1))
+
+
+def positions(space: str) -> np.ndarray:
+    return flux_sigmas(TAYLOR_STEPS) if space == "sigma" else np.arange(TAYLOR_STEPS, dtype=np.float64)
+
+
+def forecast_errors(order: int, space: str, polynomial_in: str) -> List[float]:
+    """Relative forecast errors at the cached steps for a residual polynomial of degree `order` in
+    `polynomial_in` (step index or sigma), forecast in `space`."""
     rng = np.random.default_rng(order)
     coefficients = rng.standard_normal((order + 1, 1, 2, 3))
-    context = CacheContext(1, 2, 3, taylorseer_derivative=order)
+    context = CacheContext(1, 2, 3, taylorseer_derivative=order, forecast_space=space)
     update, forecast = TaylorUpdate(context), TaylorForecast(context)
+    sigmas, variable = flux_sigmas(TAYLOR_STEPS), positions(polynomial_in)
+    errors = []
     for step in range(TAYLOR_STEPS):
-        residual = sum(c * float(step) ** power for power, c in enumerate(coefficients))
+        residual = sum(c * variable[step] ** power for power, c in enumerate(coefficients))
+        sigma = Tensor(np.float32(sigmas[step]))
         if step in COMPUTED_STEPS:
-            update(Tensor(residual.astype(np.float32)))
+            update(Tensor(residual.astype(np.float32)), sigma)
         else:
-            np.testing.assert_allclose(forecast().asnumpy(), residual, rtol=1e-4,
-                                       atol=1e-4 * np.abs(residual).max())
+            errors.append(float(np.abs(forecast(sigma).asnumpy() - residual).max() / np.abs(residual).max()))
+    return errors
+
+
+@pytest.mark.parametrize("space", ["step", "sigma"])
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_polynomial_residual_of_degree_order_is_forecast_exactly(order, space):
+    assert max(forecast_errors(order, space, polynomial_in=space)) < 1e-4
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_forecast_space_matters_on_the_shifted_schedule(order):
+    """A residual polynomial in sigma is not one in the step index: the step-space forecast misses it
+    (the sigma-space one is exact, above), so the choice of variable is measurable."""
+    assert max(forecast_errors(order, "step", polynomial_in="sigma")) > 1e-2
 
 
 def test_orders_become_valid_one_per_computed_step():
     """Before order+1 computed steps the forecast uses only the valid orders (no garbage factors)."""
     context = CacheContext(1, 2, 3, taylorseer_derivative=3)
     update, forecast = TaylorUpdate(context), TaylorForecast(context)
+    unused_sigma = Tensor(np.float32(0.5))
     first = np.full((1, 2, 3), 2.0, np.float32)
-    update(Tensor(first))
-    np.testing.assert_array_equal(forecast().asnumpy(), first)
-    update(Tensor(first + 3.0))  # step 2, after a forecast at step 1: slope 3 / 2 per step
+    update(Tensor(first), unused_sigma)
+    np.testing.assert_array_equal(forecast(unused_sigma).asnumpy(), first)
+    update(Tensor(first + 3.0), unused_sigma)  # step 2, after a forecast at step 1: slope 3 / 2 per step
     assert int(context.valid_orders.asnumpy()) == 2
-    np.testing.assert_allclose(forecast().asnumpy(), first + 3.0 + 1.5, rtol=1e-6)
+    np.testing.assert_allclose(forecast(unused_sigma).asnumpy(), first + 3.0 + 1.5, rtol=1e-6)
+
+
+class GateStep(nn.Cell):
+    """One step of the gate without a model: the probe and middle residuals are given."""
+
+    def __init__(self, context: CacheContext):
+        super().__init__()
+        self.context = context
+
+    def construct(self, probe: Tensor, middle: Tensor, sigma: Tensor) -> Tensor:
+        position = self.context.position(sigma)
+        diff = self.context.probe_diff(probe, position)
+        cached = self.context.can_cache(diff)
+        if cached:
+            self.context.update_on_hit()
+        else:
+            self.context.update_on_miss(probe, middle, probe, position)
+        self.context.finish_step(diff)
+        return diff
+
+
+def lagrange_value(nodes: List[float], values: List[np.ndarray], at: float) -> np.ndarray:
+    """The interpolating polynomial through (nodes, values) at `at`, in Lagrange form (independent of
+    the context's Newton form)."""
+    total = np.zeros_like(values[0])
+    for i, (node, value) in enumerate(zip(nodes, values)):
+        weight = np.prod([(at - other) / (node - other) for j, other in enumerate(nodes) if j != i])
+        total = total + weight * value
+    return total
+
+
+def reference_gate(probes: List[np.ndarray], sigmas: np.ndarray, threshold: float, order: int, verify: bool,
+                   space: str) -> Tuple[List[float], List[bool]]:
+    """The gate written plainly: diff against the last computed probe, or against the polynomial through
+    the last min(order + 1, computed) computed probes."""
+    nodes, values, diffs, decisions = [], [], [], []
+    for step, probe in enumerate(probes):
+        at = sigmas[step] if space == "sigma" else float(step)
+        if not values:
+            diff, cached = float("nan"), False
+        else:
+            count = min(order + 1, len(values)) if verify else 1
+            reference = lagrange_value(nodes[-count:], values[-count:], at)
+            diff = float(np.abs(probe - reference).sum() / np.abs(values[-1]).sum())
+            cached = diff < threshold
+        if not cached:
+            nodes.append(at)
+            values.append(probe)
+        diffs.append(diff)
+        decisions.append(cached)
+    return diffs, decisions
+
+
+@pytest.mark.parametrize("space", ["step", "sigma"])
+@pytest.mark.parametrize("order,verify", [(0, True), (1, False), (1, True), (2, True)])
+def test_verify_gate_decisions_match_a_plain_computation(order, verify, space):
+    """A probe that drifts along a smooth curve plus a jolt at step 6: the verifying gate skips the steps its
+    forecast predicts and computes the jolt; decisions and diffs equal the plain reference's."""
+    steps, threshold = 10, 0.05
+    sigmas = flux_sigmas(steps)
+    rng = np.random.default_rng(order)
+    base, slope, curve = (rng.standard_normal((1, 2, 3)) for _ in range(3))
+    probes = [base + slope * sigmas[k] + curve * sigmas[k] ** 2 + (0.5 * base if k >= 6 else 0) for k in range(steps)]
+    context = CacheContext(1, 2, 3, taylorseer_derivative=order, residual_diff_threshold=threshold,
+                           forecast_space=space, verify_forecast=verify)
+    gate = GateStep(context)
+    for step in range(steps):
+        gate(Tensor(probes[step].astype(np.float32)), Tensor(probes[step].astype(np.float32)),
+             Tensor(np.float32(sigmas[step])))
+    stats = context.summary()
+    diffs, decisions = reference_gate(probes, sigmas, threshold, order, verify, space)
+    assert stats["cached"] == decisions
+    np.testing.assert_allclose(stats["diffs"][1:], diffs[1:], rtol=1e-4, atol=1e-6)
+    assert not decisions[6], "the jolt must be computed"
+
+
+def gate_decisions(probes: List[np.ndarray], sigmas: np.ndarray, threshold: float, order: int,
+                   verify: bool) -> List[bool]:
+    context = CacheContext(1, 2, 3, taylorseer_derivative=order, residual_diff_threshold=threshold,
+                           forecast_space="sigma", verify_forecast=verify)
+    gate = GateStep(context)
+    for probe, sigma in zip(probes, sigmas):
+        gate(Tensor(probe.astype(np.float32)), Tensor(probe.astype(np.float32)), Tensor(np.float32(sigma)))
+    return context.summary()["cached"]
+
+
+def test_verifying_at_order_1_caches_a_linear_drift_that_the_raw_gate_computes():
+    steps = 10
+    sigmas = flux_sigmas(steps)
+    rng = np.random.default_rng(7)
+    base, slope = rng.standard_normal((1, 2, 3)), rng.standard_normal((1, 2, 3))
+    probes = [base + slope * sigma for sigma in sigmas]
+    raw, verified = (gate_decisions(probes, sigmas, 0.02, 1, verify) for verify in (False, True))
+    assert sum(verified) >= steps - 3 > sum(raw)
 
 
 # ----- (d) guards -----
@@ -275,13 +399,20 @@ def test_graph_and_pynative_agree(f1_model, inputs):
 
 # ----- (g) Fn/Bn variants against a plain reference -----
 
-def reference_fbcache_step(model, state: dict, fn: int, bn: int, threshold: float, latents, sigma, inputs):
-    """Order-0 First-Block Cache written plainly in PyNative: blocks one by one, state in a dict."""
+def reference_fbcache_step(model, state: dict, fn: int, bn: int, threshold: float, latents, sigma, inputs,
+                           skip_probe_steps: int = 0):
+    """Order-0 First-Block Cache written plainly in PyNative: blocks one by one, state in a dict. After a
+    hit, `skip_probe_steps` steps add the stored probe and middle residuals and run no block."""
     tensors = {name: None if value is None else Tensor(value) for name, value in inputs.items()}
     tensors.update(hidden_states=Tensor(latents), timestep=Tensor(np.full(BATCH, sigma, np.float32)))
     image, text, temb, rotary = embed_inputs(model, **tensors)
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
     embedded = image.asnumpy()
+    if state.get("skips_left", 0) > 0:
+        state["skips_left"] -= 1
+        state["cached"].append(True)
+        image = Tensor(embedded + state["probe"] + state["image"])
+        return model.proj_out(model.norm_out(image, temb)).asnumpy()
     for block in blocks[:fn]:
         text, image = block(image, text, temb, rotary)
     probe = image.asnumpy() - embedded
@@ -289,6 +420,7 @@ def reference_fbcache_step(model, state: dict, fn: int, bn: int, threshold: floa
     cached = previous is not None and np.abs(probe - previous).mean() / np.abs(previous).mean() < threshold
     if cached:
         image, text = image + Tensor(state["image"]), text + Tensor(state["text"])
+        state["skips_left"] = skip_probe_steps
     else:
         start_image, start_text = image.asnumpy(), text.asnumpy()
         for block in blocks[fn:len(blocks) - bn]:
@@ -328,6 +460,8 @@ def test_fn_bn_variants_match_plain_reference(checkpoint, inputs, fn, bn):
     (dict(residual_diff_threshold=float("nan")), "residual_diff_threshold"),
     (dict(bn_compute_blocks=1), "text_seq_len"),
     (dict(fn_compute_blocks=0), "fn_compute_blocks"),
+    (dict(forecast_space="time"), "forecast_space"),
+    (dict(verify_forecast=1), "verify_forecast"),
 ])
 def test_context_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -356,3 +490,53 @@ def test_forward_rejects_shapes_other_than_the_context(checkpoint, mode):
     expected = r"expects \(batch, image tokens, inner dim\) \(1, 16, 32\), got \(2, 16, 32\)"
     with pytest.raises(ValueError, match=expected):
         ms_step(model, wrong)(wrong["hidden_states"], 1.0)
+
+
+# ----- (h) probe-skipping steps and CFG branches that follow a leader -----
+
+@pytest.mark.parametrize("skips", [1, 2])
+def test_probe_skipping_steps_match_plain_reference(checkpoint, inputs, skips):
+    """Every step may cache (huge threshold): after each hit, `skips` steps run no block and add the last
+    computed probe + middle residuals (order 0) to the embedded input."""
+    model, context = cached_model(checkpoint, residual_diff_threshold=1e9, skip_probe_steps=skips)
+    outputs, stats = generate(model, context, inputs)
+    pattern = [False] + ([True] * (skips + 1)) * STEPS
+    assert stats["cached"] == pattern[:STEPS]
+    assert stats["probe_skipped"] == ([False] + ([False] + [True] * skips) * STEPS)[:STEPS]
+    set_mode("pynative")
+    plain = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer")
+    state = {}
+    reference = euler_loop(
+        lambda latents, sigma: reference_fbcache_step(plain, state, 1, 0, 1e9, latents, sigma, inputs,
+                                                      skip_probe_steps=skips),
+        inputs["hidden_states"])
+    assert state["cached"] == stats["cached"]
+    assert_outputs_close(outputs, reference, SAME_MODEL_BOUND)
+
+
+def test_follower_takes_the_leader_s_decisions():
+    """The leader's probes drift slowly (hits), the follower's jump every step (its own gate computes all):
+    following, the follower caches exactly where the leader does; not following, it computes every step."""
+    steps, sigmas = 8, flux_sigmas(8)
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((1, 2, 3))
+    slow = [base * (1 + 0.01 * k) for k in range(steps)]
+    jumpy = [base * (1 + k) ** 2 for k in range(steps)]
+    for follow in (True, False):
+        leader = CacheContext(1, 2, 3, residual_diff_threshold=0.05, max_continuous_cached_steps=2)
+        follower = CacheContext(1, 2, 3, residual_diff_threshold=0.05, max_continuous_cached_steps=2,
+                                leader=leader, follow_leader=follow)
+        lead_step, follow_step = GateStep(leader), GateStep(follower)
+        for step in range(steps):
+            for gate, probe in ((lead_step, slow[step]), (follow_step, jumpy[step])):
+                gate(Tensor(probe.astype(np.float32)), Tensor(probe.astype(np.float32)), Tensor(np.float32(sigmas[step])))
+        leader_cached = leader.summary()["cached"]
+        assert sum(leader_cached) >= 4
+        assert follower.summary()["cached"] == (leader_cached if follow else [False] * steps)
+
+
+def test_follow_leader_needs_a_leader():
+    with pytest.raises(ValueError, match="leader"):
+        CacheContext(BATCH, TOKENS, INNER, follow_leader=True)
+    with pytest.raises(ValueError, match="skip_probe_steps"):
+        CacheContext(BATCH, TOKENS, INNER, bn_compute_blocks=1, text_seq_len=TEXT, skip_probe_steps=1)
