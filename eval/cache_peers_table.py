@@ -380,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[dict]]:
         return {}
     if args.settings:
         settings = [s for s in settings if s.is_baseline or s.name in args.settings]
-    from emoji_quality_table import write_real_renders
+    from eval.emoji_quality_table import write_real_renders
     from models.embedded import embedded_checkpoint
 
     folder = str(embedded_checkpoint())

@@ -64,7 +64,21 @@ def test_baseline_comparison_true_cfg_and_every_cache_flag(folder, tmp_path):
         "baseline_0.png", "baseline_1.png", "fbcache_0.png", "fbcache_1.png"]
 
 
+def test_forecast_gate_probe_skip_and_branch_sync_flags(folder, tmp_path):
+    """A huge threshold caches every step it may: step 1 hits, step 2 skips the probe; the uncond branch
+    follows the cond branch's decisions (verify gate and sigma forecast run in the same graph)."""
+    steps = ("--num_inference_steps", "4")
+    result = run_cli("--ckpt", folder, "--save_path", tmp_path, *FAST, *steps, "--prompt", "a fox", "--negative_prompt",
+                     "blurry", "--true_cfg_scale", "2", "--residual_diff_threshold", "1e9", "--taylorseer_derivative",
+                     "1", "--forecast_space", "sigma", "--verify_forecast", "--skip_probe_steps", "1",
+                     "--sync_cfg_branches")
+    assert result.returncode == 0, result.stderr[-3000:]
+    decisions = re.findall(r"^\s+\d+\s+\S+ (computed|cached, probe skipped|cached)$", result.stdout, re.MULTILINE)
+    assert decisions == ["computed", "cached", "cached, probe skipped", "cached"] * 2, result.stdout[-3000:]
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--skip_probe_steps", "1", "--bn_compute_blocks", "1"], "--skip_probe_steps must be >= 0, and 0 with"),
     (["--image_size", "100", "64"], "multiples of 16"),
     (["--dtype", "bfloat16"], "bfloat16 needs bf16 matmul"),
     (["--prompt", "a", "b", "c", "--negative_prompt", "x", "y"], "--negative_prompt has 2 entries for 3 prompts"),

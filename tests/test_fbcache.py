@@ -99,11 +99,19 @@ def f1_model(checkpoint):
 
 # ----- (a) no caching gives the uncached model -----
 
+NEW_VARIANTS = dict(taylorseer_derivative=2, forecast_space="sigma", verify_forecast=True, skip_probe_steps=2)
+# Tests sharing f1_model start from these (a test that switches a variant on must not leak it).
+PLAIN_SETTINGS = dict(taylorseer_derivative=0, warmup_steps=0, max_cached_steps=-1, max_continuous_cached_steps=-1,
+                      forecast_space="step", verify_forecast=False, skip_probe_steps=0)
+
+
 @pytest.mark.parametrize("settings", [dict(residual_diff_threshold=0.0, warmup_steps=0),
-                                      dict(residual_diff_threshold=1e9, warmup_steps=STEPS)])
+                                      dict(residual_diff_threshold=1e9, warmup_steps=STEPS),
+                                      dict(residual_diff_threshold=0.0, warmup_steps=0, **NEW_VARIANTS)])
 def test_no_cache_settings_equal_uncached_model(f1_model, inputs, uncached_outputs, settings):
+    """Bit for bit, also with every forecast, gate and probe-skip variant switched on."""
     model, context = f1_model
-    context.configure(taylorseer_derivative=0, max_cached_steps=-1, max_continuous_cached_steps=-1, **settings)
+    context.configure(**{**PLAIN_SETTINGS, **settings})
     outputs, stats = generate(model, context, inputs)
     assert stats["steps_cached"] == 0 and not any(stats["cached"])
     for output, reference in zip(outputs, uncached_outputs):
@@ -142,8 +150,7 @@ DIFFUSERS_THRESHOLD = 0.3
 
 def test_matches_diffusers_first_block_cache(checkpoint, f1_model, inputs):
     model, context = f1_model
-    context.configure(residual_diff_threshold=DIFFUSERS_THRESHOLD, taylorseer_derivative=0, warmup_steps=0,
-                      max_cached_steps=-1, max_continuous_cached_steps=-1)
+    context.configure(**PLAIN_SETTINGS, residual_diff_threshold=DIFFUSERS_THRESHOLD)
     outputs, stats = generate(model, context, inputs)
     print(context.format_summary())
     reference, reference_cached = diffusers_fbcache_loop(checkpoint, inputs, DIFFUSERS_THRESHOLD)
@@ -346,9 +353,7 @@ def test_verifying_at_order_1_caches_a_linear_drift_that_the_raw_gate_computes()
 ])
 def test_guards_limit_cached_steps(f1_model, inputs, limits, expected):
     model, context = f1_model
-    settings = dict(residual_diff_threshold=1e9, taylorseer_derivative=0, warmup_steps=0, max_cached_steps=-1,
-                    max_continuous_cached_steps=-1)
-    context.configure(**{**settings, **limits})
+    context.configure(**{**PLAIN_SETTINGS, "residual_diff_threshold": 1e9, **limits})
     _, stats = generate(model, context, inputs)
     assert stats["cached"] == expected
     assert stats["steps_cached"] == sum(expected)
@@ -366,7 +371,7 @@ def generate_with(model, context: CacheContext, inputs, threshold: float, order:
 
 def test_reconfigure_and_reset_do_not_recompile_or_leak_state(f1_model, inputs):
     model, context = f1_model
-    context.configure(warmup_steps=0, max_cached_steps=-1, max_continuous_cached_steps=-1)
+    context.configure(**PLAIN_SETTINGS)
     first_outputs, first_stats = generate_with(model, context, inputs, 0.3, 1)
     other_outputs, other_stats = generate_with(model, context, inputs, 0.2, 3)
     order0_outputs, _ = generate_with(model, context, inputs, 0.3, 0)
@@ -384,10 +389,10 @@ def test_reconfigure_and_reset_do_not_recompile_or_leak_state(f1_model, inputs):
 
 # ----- (f) graph and PyNative agree -----
 
-def test_graph_and_pynative_agree(f1_model, inputs):
+@pytest.mark.parametrize("variant", [dict(taylorseer_derivative=2), dict(NEW_VARIANTS, skip_probe_steps=1)])
+def test_graph_and_pynative_agree(f1_model, inputs, variant):
     model, context = f1_model
-    context.configure(residual_diff_threshold=0.3, taylorseer_derivative=2, warmup_steps=0, max_cached_steps=-1,
-                      max_continuous_cached_steps=-1)
+    context.configure(**{**PLAIN_SETTINGS, "residual_diff_threshold": 0.3, **variant})
     graph_outputs, graph_stats = generate(model, context, inputs)
     set_mode("pynative")
     pynative_outputs, pynative_stats = generate(model, context, inputs)
