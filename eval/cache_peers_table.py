@@ -15,7 +15,9 @@ per image; compiles land in the first image); PSNR / SSIM against the same frame
 the judge's CLIP score; the Frechet distance of the judge's image features to real renders.
 
 Images and per-image records are written as they are made, so an interrupted run resumes where it
-stopped. Outputs: results.json, table.md and psnr_vs_compute.png in --out.
+stopped. Outputs: steps<N>/results.json and steps<N>/table.md per step count, and psnr_vs_compute.png
+in --out with one panel per step count found there (so a later run with other --steps or --settings
+adds to the same plot).
 """
 
 import argparse
@@ -401,8 +403,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[dict]]:
         (root / TABLE_NAME).write_text(text + "\n")
         (root / RESULTS_NAME).write_text(json.dumps({"baseline_max_abs_difference": agreement, "rows": rows},
                                                     indent=1))
-    plot(results, args.out / PLOT_NAME)
-    print(f"wrote {args.out / PLOT_NAME}")
+    plotted = {path.parent.name[len("steps"):]: json.loads(path.read_text())["rows"]
+               for path in sorted(args.out.glob(f"steps*/{RESULTS_NAME}"))}
+    plot(plotted, args.out / PLOT_NAME)
+    print(f"wrote {args.out / PLOT_NAME} ({', '.join(plotted)} steps)")
     return results
 
 

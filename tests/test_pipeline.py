@@ -119,6 +119,22 @@ def test_true_cfg_keeps_one_cache_per_branch(ours):
     assert len(cond) == len(uncond) == STEPS and cond[1:] != uncond[1:]
 
 
+def test_synced_cfg_branches_take_the_cond_decisions_without_a_recompile(ours):
+    latents = initial_latents(ours, seed=3)
+    cfg = dict(negative_prompt=NEGATIVE, true_cfg_scale=2.0)
+    diffs = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=0.0), **cfg).cache_summaries
+    # Between the branches' step-1 diffs: exactly one branch caches step 1 on its own.
+    threshold = (diffs["cond"]["diffs"][1] + diffs["uncond"]["diffs"][1]) / 2
+    independent = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=threshold), **cfg).cache_summaries
+    compiled_before = ours.compiled_graphs()
+    synced = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=threshold, sync_cfg_branches=True),
+                      **cfg).cache_summaries
+    assert ours.compiled_graphs() == compiled_before, "sync is a setting, not a new graph"
+    assert synced["cond"]["cached"] == independent["cond"]["cached"], "the leader decides as before"
+    assert synced["uncond"]["cached"] == synced["cond"]["cached"]
+    assert independent["uncond"]["cached"] != independent["cond"]["cached"], "these inputs must differ unsynced"
+
+
 def test_repeated_calls_and_resolution_switching_are_reproducible(ours):
     cache = FBCacheConfig(residual_diff_threshold=0.5, taylorseer_derivative=1)
     small = dict(height=64, width=64)
