@@ -90,6 +90,7 @@ def sweep() -> List[Setting]:
     ours = [("ours", t, dict(taylorseer_derivative=0)) for t in (0.08, 0.12, 0.16, 0.24)]
     ours += [("ours", t, dict(taylorseer_derivative=order)) for order, t in ((1, 0.12), (1, 0.24), (2, 0.12))]
     synced = dict(sync_cfg_branches=True)
+    ours += [("ours", t, dict(sync_cfg_branches=True)) for t in (0.08, 0.12, 0.16)]
     ours += [("ours_verify", t, dict(taylorseer_derivative=1, verify_forecast=True, forecast_space=space, **synced))
              for space, thresholds in (("step", (0.04, 0.06, 0.08)), ("sigma", (0.04, 0.06))) for t in thresholds]
     ours += [(f"ours_skip{skips}", t, dict(skip_probe_steps=skips, warmup_steps=3, **synced))
@@ -146,7 +147,6 @@ class SettingRun:
 
     def __init__(self, root: Path, setting: Setting):
         self.folder = root / setting.name
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.records_path = self.folder / RECORDS_NAME
 
     def records(self) -> Dict[int, dict]:
@@ -165,6 +165,7 @@ class SettingRun:
     def save(self, index: int, image: np.ndarray, record: dict, keep_float: bool) -> None:
         from generate_clip_score_datas import write_atomically
 
+        self.folder.mkdir(parents=True, exist_ok=True)
         pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
         write_atomically(self.image_path(index), lambda partial: Image.fromarray(pixels).save(partial, format="PNG"))
         if keep_float:
@@ -396,7 +397,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[dict]]:
         generate_ours([s for s in settings if s.framework == "mindspore"], root, prompts, steps, folder, block_cost)
         agreement = baseline_agreement(root, len(prompts))
         print(f"{steps} steps: uncached images, ours vs torch: max |difference| {agreement:.2e}", flush=True)
-        rows = score(settings, root, prompts, args.out / "real")
+        # Every setting of the sweep made here, by this run or an earlier one with other --settings.
+        complete = [setting for setting in sweep()
+                    if set(range(len(prompts))) <= set(SettingRun(root, setting).records())]
+        rows = score(complete, root, prompts, args.out / "real")
         results[str(steps)] = rows
         text = markdown(rows, steps)
         print("\n" + text + "\n", flush=True)
