@@ -392,6 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[dict]]:
     results: Dict[str, List[dict]] = {}
     for steps in args.steps:
         root = args.out / f"steps{steps}"
+        root.mkdir(parents=True, exist_ok=True)
         block_cost = generate_torch([s for s in settings if s.framework == "torch"], root, prompts, steps, folder,
                                     text_tokens)
         generate_ours([s for s in settings if s.framework == "mindspore"], root, prompts, steps, folder, block_cost)
