@@ -129,7 +129,7 @@ def method_family(setting: Setting) -> str:
             return "ours skip-probe" + (" + verify" if p.get("verify_forecast") else "") + " + sync"
         if p.get("verify_forecast"):
             return f"ours verify order {p['taylorseer_derivative']} ({p.get('forecast_space', 'step')}) + sync"
-        return f"ours order {p.get('taylorseer_derivative', 0)}"
+        return f"ours order {p.get('taylorseer_derivative', 0)}" + (" + sync" if p.get("sync_cfg_branches") else "")
     if setting.method == "diffusers_taylorseer":
         return "diffusers TaylorSeer" + (" lite" if setting.params["use_lite_mode"] else "")
     if setting.method == "cachedit":
@@ -331,17 +331,20 @@ def plot(results: Dict[str, List[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5.5), squeeze=False)
-    for axis, (steps, rows) in zip(axes[0], sorted(results.items())):
+    by_name = {setting.name: setting for setting in sweep()}
+    all_families = sorted({method_family(by_name[row["setting"]]) for rows in results.values() for row in rows})
+    colours = {family: plt.cm.tab20(index % 20) for index, family in enumerate(all_families)}
+    figure, axes = plt.subplots(1, len(results), figsize=(8 * len(results), 6), squeeze=False)
+    for axis, (steps, rows) in zip(axes[0], sorted(results.items(), key=lambda item: int(item[0]))):
         families: Dict[str, List[dict]] = {}
         for row in rows:
             if row["psnr"] is not None:
-                families.setdefault(row["family"], []).append(row)
+                families.setdefault(method_family(by_name[row["setting"]]), []).append(row)
         for family, members in sorted(families.items()):
             members.sort(key=lambda r: r["compute_speedup"])
-            style = "-" if family.startswith("ours") else "--"
-            axis.plot([r["compute_speedup"] for r in members], [r["psnr"] for r in members], style, marker="o",
-                      label=family, linewidth=2.2 if family.startswith("ours") else 1.2)
+            ours = family.startswith("ours")
+            axis.plot([r["compute_speedup"] for r in members], [r["psnr"] for r in members], "-" if ours else "--",
+                      marker="o" if ours else "s", color=colours[family], label=family, linewidth=2.2 if ours else 1.2)
         axis.set_xlabel("compute speedup (transformer-block FLOPs, uncached / cached)")
         axis.set_ylabel("PSNR against the uncached image (dB)")
         axis.set_title(f"shipped emoji Flux, {steps} steps, true CFG {TRUE_CFG_SCALE:g}")
