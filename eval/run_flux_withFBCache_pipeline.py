@@ -38,7 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="multiples of 16 (default 1024 1024 with --ckpt; 128 128 emoji, 256 256 demo/mid)")
     parser.add_argument("--save_path", type=Path, default=REPO_ROOT / "outputs", help="folder for the PNGs")
     parser.add_argument("--residual_diff_threshold", type=float, default=0.08,
-                        help="cache a step when the first-block residual changed less than this; <= 0 never caches")
+                        help="cache a step when the first-block residual changed less than this; <= 0 never caches. "
+                             "Measured on the shipped model (28 steps, README 'Our cache against every peer'): "
+                             "0.04 with --taylorseer_derivative 1 --verify_forecast --sync_cfg_branches saves 1.56x "
+                             "of the block compute at 51 dB PSNR; 0.08 plain saves 1.55x at 45 dB; 0.12 with "
+                             "--skip_probe_steps 2 --warmup_steps 3 --sync_cfg_branches saves 2.75x at 38 dB")
     parser.add_argument("--taylorseer_derivative", type=int, default=0,
                         help=f"forecast order 0-{MAX_TAYLOR_ORDER} of the cached residual (0 = plain reuse)")
     parser.add_argument("--forecast_space", choices=("step", "sigma"), default="step",
