@@ -103,11 +103,14 @@ def test_graph_mode_compiles_once_per_input_shape(dev_checkpoint):
     assert len(model.compile_cache) == 2
 
 
-def test_timestep_frequencies_are_torchs_to_the_last_bit_where_its_exp_is_exact():
+def test_timestep_frequencies_are_correctly_rounded_and_within_one_ulp_of_torch():
+    """Ours equal torch's fp64 exp of diffusers' fp32 exponent rounded to fp32, bit for bit. Torch's own
+    fp32 exp is within 1 ulp; how many entries it misses depends on the CPU's vector exp (2 of 128 on the
+    Zen 4 machine, 3 on an Intel Xeon), so that count is not asserted."""
     ours = sinusoidal_frequencies(256).asnumpy()[0]
     exponent = -math.log(10000) * torch.arange(0, 128, dtype=torch.float32) / 128
+    np.testing.assert_array_equal(ours, torch.exp(exponent.double()).float().numpy())
     theirs = torch.exp(exponent).numpy()
-    assert (ours != theirs).sum() <= 2
     assert np.abs(ours.view(np.int32) - theirs.view(np.int32)).max() <= 1
 
 
