@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
@@ -169,7 +169,10 @@ class SettingRun:
         pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
         write_atomically(self.image_path(index), lambda partial: Image.fromarray(pixels).save(partial, format="PNG"))
         if keep_float:
-            write_atomically(self.folder / f"{index:05d}.npy", lambda partial: np.save(open(partial, "wb"), image))
+            def write_array(partial: Path) -> None:
+                with open(partial, "wb") as file:
+                    np.save(file, image)
+            write_atomically(self.folder / f"{index:05d}.npy", write_array)
         with open(self.records_path, "a") as log:  # the record comes last: a record means a complete image
             log.write(json.dumps(record) + "\n")
 
@@ -212,14 +215,15 @@ def generate_torch(settings: Sequence[Setting], root: Path, prompts: Sequence[st
         if not setting.is_baseline:
             peer_caches.apply_peer(pipeline, setting.method, setting.params, steps, mag_ratios)
         counter = peer_caches.BlockComputeCounter(text_tokens).attach(pipeline.transformer)
+        block_cost = None
         for index in tqdm(todo, desc=f"{steps} steps {setting.name}", leave=False):
             counter.calls.clear()
             start = time.perf_counter()
             image = one_image(pipeline, index)
             seconds = time.perf_counter() - start
-            if setting.is_baseline and not cost_path.is_file():
+            if setting.is_baseline and not cost_path.is_file():  # uncached calls price the blocks, once
                 cost_path.write_text(json.dumps(counter.full_cost()))
-            block_cost = json.loads(cost_path.read_text())
+            block_cost = block_cost or json.loads(cost_path.read_text())
             fractions = per_call_fractions(counter.calls, block_cost)
             run.save(index, image, {"prompt": index, "seconds": seconds, "call_fractions": fractions},
                      keep_float=setting.is_baseline)
