@@ -7,7 +7,9 @@ it was compiled with, so contexts live as long as the pipeline, one per (CFG bra
 Fn/Bn), and every call resets and reconfigures them in place instead of creating new ones.
 """
 
-from dataclasses import asdict, dataclass, field
+import math
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -21,8 +23,11 @@ from mindone.diffusers import AutoencoderKL as MindoneAutoencoderKL
 from mindone.diffusers import FlowMatchEulerDiscreteScheduler
 from mindone.diffusers import FluxTransformer2DModel as MindoneFluxTransformer
 from mindone.transformers import CLIPTextModel, T5EncoderModel
+from tqdm.auto import tqdm
 from transformers import CLIPTokenizer, T5TokenizerFast
 
+from cache_config import FBCacheConfig  # noqa: F401 (re-exported: the pipeline's cache argument)
+from models.components import check_pipeline_components
 from models.demo_checkpoint import TRANSFORMERS_WEIGHTS_NAME, checkpoint_shapes
 from models.loading import check_weights_match, model_folder, stored_tensors, weight_files, without_ignored
 from models.t5_position_buckets import use_exact_t5_position_buckets
@@ -33,37 +38,17 @@ from utils import CacheContext
 
 PromptInput = Union[str, List[str]]
 ProgressCallback = Callable[[int, int, Dict[str, bool]], None]
+Branches = Dict[str, Tuple[ms.Tensor, ms.Tensor, ms.Tensor]]
 COMPONENT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 MAX_SEQUENCE_LENGTH = 512
+# FLUX.1-dev's distilled guidance when a checkpoint with guidance embedding is given none.
+DEFAULT_GUIDANCE_SCALE = 3.5
 # The dtype names the command-line scripts accept.
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
-@dataclass
-class FBCacheConfig:
-    """First-Block Cache settings of one call (see utils.CacheContext). `fn_compute_blocks` and
-    `bn_compute_blocks` shape the compiled graph; the others change without a recompile."""
-
-    residual_diff_threshold: float = 0.08
-    taylorseer_derivative: int = 0
-    warmup_steps: int = 0
-    max_cached_steps: int = -1
-    max_continuous_cached_steps: int = -1
-    fn_compute_blocks: int = 1
-    bn_compute_blocks: int = 0
-    forecast_space: str = "step"
-    verify_forecast: bool = False
-    skip_probe_steps: int = 0
-    # With true CFG: the uncond branch takes the cond branch's decision at each step.
-    sync_cfg_branches: bool = False
-
-    def runtime_settings(self, follower: bool) -> dict:
-        """CacheContext.configure arguments; `follow_leader` only for the uncond (follower) context."""
-        settings = asdict(self)
-        del settings["fn_compute_blocks"], settings["bn_compute_blocks"], settings["sync_cfg_branches"]
-        if follower:
-            settings["follow_leader"] = self.sync_cfg_branches
-        return settings
+class NonFiniteError(ValueError):
+    """Latents or pixels became NaN or infinite: raised instead of writing a black image."""
 
 
 @dataclass
@@ -115,6 +100,15 @@ def check_one_each(name: str, texts: Optional[List[str]], owner: str, owners: Op
     """A second-encoder prompt list must pair one to one with the prompts it goes with."""
     if texts is not None and len(texts) != len(owners):
         raise ValueError(f"{name} has {len(texts)} entries but {owner} has {len(owners)}; give one per {owner}")
+
+
+def warn_truncated(tokenizer, prompts: List[str], max_length: int, encoder: str, advice: str) -> None:
+    """Say which prompts the encoder cuts (diffusers only logs it), so a long prompt is not cut silently."""
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
+    for index, length in enumerate(lengths):
+        if length > max_length:
+            warnings.warn(f"prompt {index} has {length} {encoder} tokens; the {encoder} encoder reads the first "
+                          f"{max_length} and the rest is cut: {advice}", UserWarning, stacklevel=3)
 
 
 def to_pil(images: np.ndarray) -> List[Image.Image]:
@@ -186,6 +180,7 @@ class FluxPipeline:
                              "float16 on CPU, bfloat16 on Ascend")
         for name in COMPONENT_FOLDERS:
             model_folder(path, name)
+        check_pipeline_components(path)
         use_exact_t5_position_buckets()
         root = Path(path)
         if use_mindone_models:
@@ -218,6 +213,10 @@ class FluxPipeline:
                       max_sequence_length: int) -> Tuple[ms.Tensor, ms.Tensor]:
         """T5 token features and pooled CLIP features of each prompt, as diffusers computes them. They can
         be passed back as `prompt_embeds` / `pooled_prompt_embeds` to reuse them across calls."""
+        warn_truncated(self.tokenizer, prompts, self.tokenizer_max_length, "CLIP", "the pooled CLIP embedding "
+                       "reads only these (as in diffusers)")
+        warn_truncated(self.tokenizer_2, prompts_2, max_sequence_length, "T5",
+                       f"raise max_sequence_length (at most {MAX_SEQUENCE_LENGTH}) to keep the rest")
         clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer_max_length,
                                   truncation=True, return_tensors="np").input_ids
         pooled = self.text_encoder(ms.Tensor(clip_ids), return_dict=False)[1]
@@ -273,7 +272,9 @@ class FluxPipeline:
                              f"to match prompt_embeds, got {pooled_shape}")
 
     def check_inputs(self, prompt_count: int, negative_prompts, height: int, width: int,
-                     num_inference_steps: int, max_sequence_length: int, num_images_per_prompt: int) -> None:
+                     num_inference_steps: int, max_sequence_length: int, num_images_per_prompt: int,
+                     true_cfg_scale: float, guidance_scale: Optional[float], seed: Optional[int]) -> None:
+        """Every argument checked before any encoding, so a bad one costs nothing and nothing is ignored."""
         multiple = self.vae_scale_factor * 2
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple} (VAE downsampling "
@@ -287,6 +288,27 @@ class FluxPipeline:
             raise ValueError(f"max_sequence_length must lie in [1, {MAX_SEQUENCE_LENGTH}], got {max_sequence_length}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if seed is not None and not 0 <= seed < 2 ** 64:
+            raise ValueError(f"seed must lie in [0, 2**64 - 1] (or None for fresh noise), got {seed}")
+        self.check_guidance(true_cfg_scale, negative_prompts is not None, guidance_scale)
+
+    def check_guidance(self, true_cfg_scale: float, has_negative_prompt: bool, guidance_scale: Optional[float]) -> None:
+        """Scales must be finite (a NaN gives an all-black image), and none may be silently ignored."""
+        if not math.isfinite(true_cfg_scale):
+            raise ValueError(f"true_cfg_scale must be a finite number, got {true_cfg_scale}")
+        if true_cfg_scale > 1 and not has_negative_prompt:
+            raise ValueError(f"true_cfg_scale={true_cfg_scale:g} needs a negative_prompt to guide against (\"\" for "
+                             "the empty prompt), or set true_cfg_scale=1")
+        if true_cfg_scale <= 1 and has_negative_prompt:
+            raise ValueError(f"negative_prompt is used only with true CFG: set true_cfg_scale > 1 (got "
+                             f"{true_cfg_scale:g}), or drop the negative prompt")
+        if not self.transformer.config.guidance_embeds:
+            if guidance_scale is not None:
+                raise ValueError(f"guidance_scale={guidance_scale:g}: this checkpoint has no guidance embedding "
+                                 "(FLUX.1-schnell style), so it would be ignored; drop it (true_cfg_scale with a "
+                                 "negative prompt guides such models)")
+        elif guidance_scale is not None and not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
 
     def prepare_latents(self, batch: int, height: int, width: int, seed: Optional[int],
                         latents: Optional[np.ndarray]) -> np.ndarray:
@@ -300,7 +322,25 @@ class FluxPipeline:
         if latents.shape != expected:
             raise ValueError(f"latents must be packed with shape {expected} for this size and batch, "
                              f"got {latents.shape}")
+        if not np.isfinite(latents).all():
+            raise NonFiniteError("latents contain NaN or infinite values")
         return latents
+
+    def prepare_timesteps(self, image_tokens: int, num_inference_steps: int) -> ms.Tensor:
+        """The scheduler's timesteps, shifted for the resolution as diffusers' FluxPipeline does."""
+        config = self.scheduler.config
+        mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist(),
+                                     mu=mu)
+        self.scheduler.set_begin_index(0)
+        return self.scheduler.timesteps
+
+    def guidance_input(self, batch: int, guidance_scale: Optional[float]) -> Optional[ms.Tensor]:
+        if not self.transformer.config.guidance_embeds:
+            return None
+        scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        return ms.Tensor(np.full(batch, scale, np.float32))
 
     def __call__(
         self,
@@ -312,7 +352,7 @@ class FluxPipeline:
         height: int = 1024,
         width: int = 1024,
         num_inference_steps: int = 28,
-        guidance_scale: float = 3.5,
+        guidance_scale: Optional[float] = None,
         num_images_per_prompt: int = 1,
         seed: Optional[int] = None,
         latents: Optional[np.ndarray] = None,
@@ -322,14 +362,18 @@ class FluxPipeline:
         callback: Optional[ProgressCallback] = None,
         prompt_embeds: Optional[ms.Tensor] = None,
         pooled_prompt_embeds: Optional[ms.Tensor] = None,
+        progress: bool = False,
     ) -> FluxPipelineOutput:
         """Generate images. `cache=None` runs the uncached transformer. `callback(step, total, cached)`
         is called after each step (`cached` maps branch -> whether that step used the cache; reading it
-        syncs the host, so only the callback pays for it). Returns images as PIL (`output_type="pil"`),
-        float arrays in [0, 1] (`"np"`) or packed latents (`"latent"`). `prompt_embeds` and
-        `pooled_prompt_embeds` (from `encode_prompt`) replace `prompt` / `prompt_2`. `max_sequence_length`
-        defaults to the T5 tokenizer's model_max_length (at most 512): FLUX.1's is 512, and a model trained
-        on fewer padded tokens (the shipped emoji model: 32) says so there."""
+        syncs the host, so only the callback pays for it); `progress=True` shows a tqdm bar instead, at no
+        sync. Returns images as PIL (`output_type="pil"`), float arrays in [0, 1] (`"np"`) or packed latents
+        (`"latent"`). `prompt_embeds` and `pooled_prompt_embeds` (from `encode_prompt`) replace `prompt` /
+        `prompt_2`. `max_sequence_length` defaults to the T5 tokenizer's model_max_length (at most 512):
+        FLUX.1's is 512, and a model trained on fewer padded tokens (the shipped emoji model: 32) says so there.
+        `guidance_scale` (default 3.5) is for checkpoints with guidance embedding (FLUX.1-dev) and refused
+        by others; true CFG needs both `true_cfg_scale > 1` and a negative prompt, and one without the other
+        is refused rather than ignored. Raises `NonFiniteError` instead of returning a NaN image."""
         if max_sequence_length is None:
             max_sequence_length = self.default_sequence_length()
         self.check_prompt_embeds(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds)
@@ -343,55 +387,25 @@ class FluxPipeline:
         check_one_each("prompt_2", prompts_2, "prompt", prompts)
         check_one_each("negative_prompt_2", negative_prompts_2, "negative_prompt", negative_prompts)
         self.check_inputs(prompt_count, negative_prompts, height, width, num_inference_steps, max_sequence_length,
-                          num_images_per_prompt)
+                          num_images_per_prompt, true_cfg_scale, guidance_scale, seed)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        do_true_cfg = true_cfg_scale > 1 and negative_prompts is not None
         batch = prompt_count * num_images_per_prompt
 
         if prompt_embeds is None:
             prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompts, prompts_2, max_sequence_length)
         branches = {"cond": self.text_conditioning(prompt_embeds, pooled_prompt_embeds, num_images_per_prompt)}
-        if do_true_cfg:
+        if negative_prompts is not None:
             branches["uncond"] = self.text_conditioning(
                 *self.encode_prompt(negative_prompts, negative_prompts_2, max_sequence_length), num_images_per_prompt)
 
         latent_height, latent_width = height // self.vae_scale_factor, width // self.vae_scale_factor
         packed = self.prepare_latents(batch, latent_height, latent_width, seed, latents)
         image_ids = ms.Tensor(latent_image_ids(latent_height // 2, latent_width // 2))
-        image_tokens = packed.shape[1]
-        latents_ms = ms.Tensor(packed).astype(self.dtype)
-
-        config = self.scheduler.config
-        mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist(),
-                                     mu=mu)
-        self.scheduler.set_begin_index(0)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = ms.Tensor(np.full(batch, guidance_scale, np.float32))
-
-        forwards = {}
-        for name, (_, _, text_ids) in branches.items():
-            leader = forwards["cond"].context if name == "uncond" and cache is not None else None
-            forwards[name] = self.transformer if cache is None else self.cached_transformer(
-                name, batch, image_tokens, text_ids.shape[0], cache, leader)
-        timesteps = self.scheduler.timesteps
-        for step in range(num_inference_steps):
-            t = timesteps[step]
-            timestep = t.broadcast_to((batch,)).astype(self.dtype) / 1000
-            predictions = {}
-            for name, (prompt_embeds, pooled, text_ids) in branches.items():
-                predictions[name] = forwards[name](latents_ms, prompt_embeds, pooled, timestep, image_ids,
-                                                   text_ids, guidance)[0]
-            noise_pred = predictions["cond"]
-            if do_true_cfg:
-                noise_pred = predictions["uncond"] + true_cfg_scale * (noise_pred - predictions["uncond"])
-            latents_ms = self.scheduler.step(noise_pred, t, latents_ms, return_dict=False)[0]
-            if callback is not None:
-                callback(step, num_inference_steps, {name: self._step_cached(forward, step)
-                                                     for name, forward in forwards.items()})
+        timesteps = self.prepare_timesteps(packed.shape[1], num_inference_steps)
+        forwards = self.branch_forwards(branches, batch, packed.shape[1], cache)
+        latents_ms = self.denoise(ms.Tensor(packed).astype(self.dtype), timesteps, branches, forwards, image_ids,
+                                  self.guidance_input(batch, guidance_scale), true_cfg_scale, callback, progress)
 
         summaries = {name: forward.context.summary() for name, forward in forwards.items() if cache is not None}
         if output_type == "latent":
@@ -399,6 +413,46 @@ class FluxPipeline:
         images = self.decode(latents_ms, latent_height, latent_width)
         return FluxPipelineOutput(images=to_pil(images) if output_type == "pil" else list(images),
                                   cache_summaries=summaries)
+
+    def branch_forwards(self, branches: Branches, batch: int, image_tokens: int,
+                        cache: Optional[FBCacheConfig]) -> Dict[str, nn.Cell]:
+        """The transformer each CFG branch runs: the plain one, or its persistent cached wrapper (the
+        uncond branch's context led by the cond one)."""
+        forwards = {}
+        for name, (_, _, text_ids) in branches.items():
+            leader = forwards["cond"].context if name == "uncond" and cache is not None else None
+            forwards[name] = self.transformer if cache is None else self.cached_transformer(
+                name, batch, image_tokens, text_ids.shape[0], cache, leader)
+        return forwards
+
+    def denoise(self, latents: ms.Tensor, timesteps: ms.Tensor, branches: Branches, forwards: Dict[str, nn.Cell],
+                image_ids: ms.Tensor, guidance: Optional[ms.Tensor], true_cfg_scale: float,
+                callback: Optional[ProgressCallback], progress: bool) -> ms.Tensor:
+        """The sampling loop (true CFG when there is an uncond branch). The first step whose latents are
+        not finite is kept on the device and checked once at the end: no per-step host sync."""
+        batch = latents.shape[0]
+        first_bad_step = ms.Tensor(-1, ms.int32)
+        for step in tqdm(range(len(timesteps)), desc="denoising", unit="step", disable=not progress):
+            t = timesteps[step]
+            timestep = t.broadcast_to((batch,)).astype(self.dtype) / 1000
+            predictions = {name: forwards[name](latents, prompt_embeds, pooled, timestep, image_ids, text_ids,
+                                                guidance)[0]
+                           for name, (prompt_embeds, pooled, text_ids) in branches.items()}
+            noise_pred = predictions["cond"]
+            if "uncond" in predictions:
+                noise_pred = predictions["uncond"] + true_cfg_scale * (noise_pred - predictions["uncond"])
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            newly_bad = (first_bad_step < 0) & ~ops.isfinite(latents).all()
+            first_bad_step = ops.select(newly_bad, ms.Tensor(step, ms.int32), first_bad_step)
+            if callback is not None:
+                callback(step, len(timesteps), {name: self._step_cached(forward, step)
+                                                for name, forward in forwards.items()})
+        bad_step = int(first_bad_step.asnumpy())
+        if bad_step >= 0:
+            raise NonFiniteError(
+                f"the latents became NaN or infinite at step {bad_step} of {len(timesteps)}: check the checkpoint "
+                "for NaN/inf weights and the guidance scales, or run in float32 if this was float16 (overflow)")
+        return latents
 
     def default_sequence_length(self) -> int:
         return min(self.tokenizer_2.model_max_length, MAX_SEQUENCE_LENGTH)
@@ -414,4 +468,7 @@ class FluxPipeline:
         latents = unpack_latents(packed, latent_height, latent_width)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         image = self.vae(latents.astype(self.dtype)).astype(ms.float32).asnumpy()
+        if not np.isfinite(image).all():
+            raise NonFiniteError("the VAE decoded NaN or infinite pixels from finite latents: check the VAE weights "
+                                 "for NaN/inf, or run in float32 if this was float16 (overflow)")
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)

@@ -3,7 +3,9 @@
 All state lives in fixed-shape Parameters so that one compiled graph serves every generation:
 the graph keeps the Parameters it was compiled with, so settings change through `configure()` and
 state is cleared through `reset()`, both in place. Python-int settings (block counts, shapes) shape
-the graph itself and are fixed at construction.
+the graph itself and are fixed at construction. The settings' defaults and checks live in
+`FBCacheConfig` (cache_config.py, re-exported here); `NewtonForecaster` holds the forecast and
+`CacheContext` the gate, the guards and the statistics.
 
 Forecasting: each computed step stores the residual of the cached (middle) blocks together with its
 Newton divided differences over the last computed steps. The forecast is the interpolating
@@ -42,8 +44,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-MAX_TAYLOR_ORDER = 3
-FORECAST_SPACES = ("step", "sigma")
+from cache_config import (MAX_TAYLOR_ORDER, FBCacheConfig, check_flag, check_forecast_space, check_int,  # noqa: F401
+                          check_limit, check_order, check_probe_skipping, check_threshold)
+
 DEFAULT_MAX_STATS_STEPS = 1000
 PERCENTILES = (0, 25, 50, 75, 95, 100)
 PERCENTILE_NAMES = ("min", "P25", "P50", "P75", "P95", "max")
@@ -70,38 +73,73 @@ def _sum_abs(x: Tensor) -> Tensor:
     return ops.abs(x).sum(-1).sum()
 
 
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-
-
-def _check_limit(name: str, value: int) -> None:
-    """Limits are -1 (no limit) or a non-negative count."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < -1:
-        raise ValueError(f"{name}: expected -1 (no limit) or an int >= 0, got {value!r}")
-
-
-def _check_order(value: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 <= value <= MAX_TAYLOR_ORDER:
-        raise ValueError(f"taylorseer_derivative: expected an int in [0, {MAX_TAYLOR_ORDER}], got {value!r}")
-
-
-def _check_forecast_space(value: str) -> None:
-    if value not in FORECAST_SPACES:
-        raise ValueError(f"forecast_space: expected one of {FORECAST_SPACES}, got {value!r}")
-
-
-def _check_bool(name: str, value: bool) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
-
-
 MODE_COMPUTED, MODE_HIT, MODE_PROBE_SKIPPED = 0, 1, 2
+# The settings' defaults: FBCacheConfig is their one source.
+_DEFAULTS = FBCacheConfig()
 
 
-def _check_threshold(value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value):
-        raise ValueError(f"residual_diff_threshold: expected a finite float (<= 0 disables caching), got {value!r}")
+class NewtonForecaster(nn.Cell):
+    """The forecast of the probe (first-block) and middle residuals at any position.
+
+    Holds, for each stream, the Newton divided differences over the last computed steps (order 0: the
+    newest computed residual, the gate's reference) and those steps' positions (the nodes, newest
+    first), plus how many orders hold data yet. One Parameter per order, not one stacked buffer:
+    slicing a stacked Parameter in a CPU graph copied it whole (measured 20 ms per slice at 1024 x 512;
+    the forecast cost 72 ms, now 3 ms).
+    """
+
+    def __init__(self, shape: tuple, dtype: ms.Type):
+        super().__init__()
+        self.dtype = dtype
+        orders = range(MAX_TAYLOR_ORDER + 1)
+        self.probe_divided_differences = ParameterTuple(
+            [_buffer(shape, dtype, f"probe_divided_difference_{order}") for order in orders])
+        self.middle_divided_differences = ParameterTuple(
+            [_buffer(shape, dtype, f"middle_divided_difference_{order}") for order in orders])
+        self.nodes = _buffer((MAX_TAYLOR_ORDER + 1,), ms.float32, "forecast_nodes")
+        # Computed steps recorded so far, capped at the order + 1: the divided differences that hold data.
+        self.valid_orders = _scalar(0, ms.int32, "valid_orders")
+
+    def last_probe(self) -> Tensor:
+        """The probe residual of the last computed step (fp32)."""
+        return self.probe_divided_differences[0].astype(ms.float32)
+
+    def probe_at(self, position: Tensor) -> Tensor:
+        return self._value(self.probe_divided_differences, position)
+
+    def middle_at(self, position: Tensor) -> Tensor:
+        return self._value(self.middle_divided_differences, position)
+
+    def _value(self, differences: ParameterTuple, position: Tensor) -> Tensor:
+        """The interpolating polynomial (valid orders only) at `position`, in fp32."""
+        distance = ops.ones((), ms.float32)
+        total = differences[0].astype(ms.float32)
+        for order in range(1, MAX_TAYLOR_ORDER + 1):
+            distance = distance * (position - self.nodes[order - 1])
+            weight = ops.select(order < self.valid_orders, distance, ops.zeros((), ms.float32))
+            total = total + differences[order].astype(ms.float32) * weight
+        return total
+
+    def _update(self, differences: ParameterTuple, value: Tensor, position: Tensor, order: Tensor) -> None:
+        """Divided differences with `value` at `position` as the newest node (orders beyond `order`: 0)."""
+        new_differences = [value.astype(ms.float32)]
+        for index in range(MAX_TAYLOR_ORDER):
+            spacing = position - self.nodes[index]
+            valid = (index < self.valid_orders) & (index + 1 <= order)
+            safe_spacing = ops.select(valid, spacing, ops.ones((), ms.float32))
+            difference = (new_differences[index] - differences[index].astype(ms.float32)) / safe_spacing
+            new_differences.append(difference * valid.astype(ms.float32))
+        for parameter, new_value in zip(differences, new_differences):
+            ops.assign(parameter, new_value.astype(self.dtype))
+
+    def record(self, middle: Tensor, position: Tensor, order: Tensor, probe: Optional[Tensor] = None) -> Tensor:
+        """A computed step at `position`: new divided differences up to `order` (of the probe too when
+        given) and nodes."""
+        self._update(self.middle_divided_differences, middle, position, order)
+        if probe is not None:
+            self._update(self.probe_divided_differences, probe, position, order)
+        ops.assign(self.nodes, ops.concat([position.reshape(1), self.nodes[:MAX_TAYLOR_ORDER]]))
+        return ops.assign(self.valid_orders, ops.minimum(self.valid_orders + 1, order + 1))
 
 
 class CacheContext(nn.Cell):
@@ -115,12 +153,15 @@ class CacheContext(nn.Cell):
     _instances = 0
 
     def __init__(self, batch_size: int, seq_len: int, inner_dim: int, dtype: ms.Type = ms.float32,
-                 taylorseer_derivative: int = 0, residual_diff_threshold: float = 0.08, warmup_steps: int = 0,
-                 max_cached_steps: int = -1, max_continuous_cached_steps: int = -1, fn_compute_blocks: int = 1,
-                 bn_compute_blocks: int = 0, text_seq_len: Optional[int] = None,
-                 max_stats_steps: int = DEFAULT_MAX_STATS_STEPS, forecast_space: str = "step",
-                 verify_forecast: bool = False, skip_probe_steps: int = 0, follow_leader: bool = False,
-                 leader: Optional["CacheContext"] = None):
+                 taylorseer_derivative: int = _DEFAULTS.taylorseer_derivative,
+                 residual_diff_threshold: float = _DEFAULTS.residual_diff_threshold,
+                 warmup_steps: int = _DEFAULTS.warmup_steps, max_cached_steps: int = _DEFAULTS.max_cached_steps,
+                 max_continuous_cached_steps: int = _DEFAULTS.max_continuous_cached_steps,
+                 fn_compute_blocks: int = _DEFAULTS.fn_compute_blocks,
+                 bn_compute_blocks: int = _DEFAULTS.bn_compute_blocks, text_seq_len: Optional[int] = None,
+                 max_stats_steps: int = DEFAULT_MAX_STATS_STEPS, forecast_space: str = _DEFAULTS.forecast_space,
+                 verify_forecast: bool = _DEFAULTS.verify_forecast, skip_probe_steps: int = _DEFAULTS.skip_probe_steps,
+                 follow_leader: bool = False, leader: Optional["CacheContext"] = None):
         super().__init__()
         if leader is not None and not isinstance(leader, CacheContext):
             raise ValueError(f"leader: expected the CacheContext of the branch run first, got {type(leader).__name__}")
@@ -128,37 +169,25 @@ class CacheContext(nn.Cell):
             raise ValueError("follow_leader=True needs leader= (the CacheContext whose decisions to take)")
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("inner_dim", inner_dim),
                             ("fn_compute_blocks", fn_compute_blocks), ("max_stats_steps", max_stats_steps)):
-            _check_int(name, value, 1)
-        _check_int("bn_compute_blocks", bn_compute_blocks, 0)
+            check_int(name, value, 1)
+        check_int("bn_compute_blocks", bn_compute_blocks, 0)
         if bn_compute_blocks > 0:
             if text_seq_len is None:
                 raise ValueError("text_seq_len: expected the number of text tokens when bn_compute_blocks > 0, "
                                  "got None")
-            _check_int("text_seq_len", text_seq_len, 1)
+            check_int("text_seq_len", text_seq_len, 1)
         self.batch_size, self.seq_len, self.inner_dim = int(batch_size), int(seq_len), int(inner_dim)
         self.text_seq_len = None if text_seq_len is None else int(text_seq_len)
         self.fn_compute_blocks, self.bn_compute_blocks = int(fn_compute_blocks), int(bn_compute_blocks)
         self.dtype = dtype
         self.max_stats_steps = int(max_stats_steps)
 
-        image_shape = (batch_size, seq_len, inner_dim)
-        # Newton divided differences of the probe residual (factor 0: the last computed one, the gate's
-        # reference) and of the cached residual. One Parameter per order, not one stacked buffer: slicing a
-        # stacked Parameter in a CPU graph copied it whole (measured 20 ms per slice at 1024 x 512; the
-        # forecast cost 72 ms, now 3 ms).
-        self.probe_factors = ParameterTuple(
-            [_buffer(image_shape, dtype, f"probe_factor_{order}") for order in range(MAX_TAYLOR_ORDER + 1)])
+        self.forecaster = NewtonForecaster((batch_size, seq_len, inner_dim), dtype)
         # sum|probe residual| of the last computed step, taken once on the miss that stores it.
         self.prev_residual_norm = _scalar(0.0, ms.float32, "prev_residual_norm")
-        self.taylor_factors = ParameterTuple(
-            [_buffer(image_shape, dtype, f"taylor_factor_{order}") for order in range(MAX_TAYLOR_ORDER + 1)])
-        # Positions (step index or sigma) of the last MAX_TAYLOR_ORDER + 1 computed steps, newest first:
-        # the Newton nodes.
-        self.computed_nodes = _buffer((MAX_TAYLOR_ORDER + 1,), ms.float32, "computed_nodes")
         text_shape = (batch_size, self.text_seq_len, inner_dim) if bn_compute_blocks > 0 else (1,)
         self.text_residual = _buffer(text_shape, dtype, "text_residual")
         self.has_prev = _scalar(0, ms.int32, "has_prev")
-        self.valid_orders = _scalar(0, ms.int32, "valid_orders")
         self.step = _scalar(0, ms.int32, "step")
         self.consecutive_cached = _scalar(0, ms.int32, "consecutive_cached")
         self.cached_total = _scalar(0, ms.int32, "cached_total")
@@ -199,26 +228,23 @@ class CacheContext(nn.Cell):
         factors already computed.
         """
         if residual_diff_threshold is not None:
-            _check_threshold(residual_diff_threshold)
+            check_threshold(residual_diff_threshold)
         if taylorseer_derivative is not None:
-            _check_order(taylorseer_derivative)
+            check_order(taylorseer_derivative)
         if warmup_steps is not None:
-            _check_int("warmup_steps", warmup_steps, 0)
+            check_int("warmup_steps", warmup_steps, 0)
         for name, value in (("max_cached_steps", max_cached_steps),
                             ("max_continuous_cached_steps", max_continuous_cached_steps)):
             if value is not None:
-                _check_limit(name, value)
+                check_limit(name, value)
         if forecast_space is not None:
-            _check_forecast_space(forecast_space)
+            check_forecast_space(forecast_space)
         if verify_forecast is not None:
-            _check_bool("verify_forecast", verify_forecast)
+            check_flag("verify_forecast", verify_forecast)
         if skip_probe_steps is not None:
-            _check_int("skip_probe_steps", skip_probe_steps, 0)
-            if skip_probe_steps > 0 and self.bn_compute_blocks > 0:
-                raise ValueError(f"skip_probe_steps: must be 0 with bn_compute_blocks > 0 (a step without the "
-                                 f"first blocks has no text stream for the last ones), got {skip_probe_steps}")
+            check_probe_skipping(skip_probe_steps, self.bn_compute_blocks)
         if follow_leader is not None:
-            _check_bool("follow_leader", follow_leader)
+            check_flag("follow_leader", follow_leader)
             if follow_leader and self.leader_mode is None:
                 raise ValueError("follow_leader=True needs a context constructed with leader=")
         updates = ((self.threshold, residual_diff_threshold), (self.taylor_order, taylorseer_derivative),
@@ -232,13 +258,17 @@ class CacheContext(nn.Cell):
             if value is not None:
                 _fill(param, value)
 
+    def setting_parameters(self) -> tuple:
+        return (self.threshold, self.taylor_order, self.warmup_steps, self.max_cached_steps,
+                self.max_continuous_cached_steps, self.in_sigma, self.verify, self.skip_probe_steps, self.follow)
+
     def reset(self) -> None:
-        """Clear all generation state in place, keeping the settings."""
-        for param in (*self.probe_factors, self.prev_residual_norm, *self.taylor_factors, self.computed_nodes,
-                      self.text_residual, self.has_prev, self.valid_orders, self.step, self.consecutive_cached,
-                      self.cached_total, self.stats_cached, self.mode, self.probe_skips_left):
-            _fill(param, 0)
-        _fill(self.stats_diff, np.nan)
+        """Clear all generation state in place, keeping the settings: every Parameter that is not a setting
+        (nor the leader's) is state, so a new one cannot be missed. 0, and NaN for the diff statistics."""
+        kept = (*self.setting_parameters(), self.leader_mode)
+        for param in self.get_parameters():
+            if all(param is not other for other in kept):
+                _fill(param, np.nan if param is self.stats_diff else 0)
 
     # ----- graph-side methods, called from the cached forward -----
 
@@ -249,9 +279,9 @@ class CacheContext(nn.Cell):
     def probe_diff(self, residual: Tensor, position: Tensor) -> Tensor:
         """mean|r - r_ref| / mean|r_prev| in fp32, r_ref the last computed probe residual or, when verifying,
         its forecast; NaN when there is no previous residual."""
-        reference = self.probe_factors[0].astype(ms.float32)
+        reference = self.forecaster.last_probe()
         if self.verify > 0:
-            reference = self._newton_value(self.probe_factors, position)
+            reference = self.forecaster.probe_at(position)
         diff = _sum_abs(residual.astype(ms.float32) - reference) / self.prev_residual_norm
         return ops.select(self.has_prev > 0, diff, ops.fill(ms.float32, (), float("nan")))
 
@@ -280,46 +310,17 @@ class CacheContext(nn.Cell):
         similar = (self.threshold > 0) & (diff < self.threshold)
         return self._own_or_leader(similar, MODE_HIT) & self._guards_allow()
 
-    def _newton_value(self, factors: ParameterTuple, position: Tensor) -> Tensor:
-        """The interpolating polynomial of `factors` (valid orders only) at `position`, in fp32."""
-        distance = ops.ones((), ms.float32)
-        total = factors[0].astype(ms.float32)
-        for order in range(1, MAX_TAYLOR_ORDER + 1):
-            distance = distance * (position - self.computed_nodes[order - 1])
-            weight = ops.select(order < self.valid_orders, distance, ops.zeros((), ms.float32))
-            total = total + factors[order].astype(ms.float32) * weight
-        return total
-
     def forecast(self, position: Tensor) -> Tensor:
-        """The middle-block residual at `position` from the valid Newton factors."""
-        return self._newton_value(self.taylor_factors, position).astype(self.dtype)
+        """The middle-block residual at `position`."""
+        return self.forecaster.middle_at(position).astype(self.dtype)
 
     def forecast_probe_and_middle(self, position: Tensor) -> Tensor:
         """The residual of all blocks but the last Bn (= 0) at `position`: for a step that skips the probe."""
-        total = self._newton_value(self.probe_factors, position) + self._newton_value(self.taylor_factors, position)
-        return total.astype(self.dtype)
-
-    def _newton_update(self, factors: ParameterTuple, value: Tensor, position: Tensor) -> None:
-        """Divided differences with `value` at `position` as the newest node (orders beyond the setting: 0)."""
-        new_factors = [value.astype(ms.float32)]
-        for order in range(MAX_TAYLOR_ORDER):
-            spacing = position - self.computed_nodes[order]
-            valid = (order < self.valid_orders) & (order + 1 <= self.taylor_order)
-            safe_spacing = ops.select(valid, spacing, ops.ones((), ms.float32))
-            difference = (new_factors[order] - factors[order].astype(ms.float32)) / safe_spacing
-            new_factors.append(difference * valid.astype(ms.float32))
-        for factor, new_value in zip(factors, new_factors):
-            ops.assign(factor, new_value.astype(self.dtype))
+        return (self.forecaster.probe_at(position) + self.forecaster.middle_at(position)).astype(self.dtype)
 
     def update_taylor(self, residual: Tensor, position: Tensor, probe_residual: Optional[Tensor] = None) -> Tensor:
-        """Record a computed step at `position`: new divided differences (of the probe residual too when
-        given) and nodes."""
-        self._newton_update(self.taylor_factors, residual, position)
-        if probe_residual is not None:
-            self._newton_update(self.probe_factors, probe_residual, position)
-        nodes = ops.concat([position.reshape(1), self.computed_nodes[:MAX_TAYLOR_ORDER]])
-        ops.assign(self.computed_nodes, nodes)
-        return ops.assign(self.valid_orders, ops.minimum(self.valid_orders + 1, self.taylor_order + 1))
+        """Record a computed step's middle residual (and probe residual when given) at `position`."""
+        return self.forecaster.record(residual, position, self.taylor_order, probe_residual)
 
     def update_on_miss(self, probe_residual: Tensor, middle_residual: Tensor, text_residual: Tensor,
                        position: Tensor) -> Tensor:
@@ -390,3 +391,13 @@ def format_summary(stats: Dict[str, object]) -> str:
     lines.append("diff percentiles: " + ", ".join(
         f"{name}={value:.6f}" for name, value in stats["diff_percentiles"].items()))
     return "\n".join(lines)
+
+
+def format_summary_line(stats: Dict[str, object]) -> str:
+    """One line for a `CacheContext.summary()`: counts, the decision of each step (C computed, H cache
+    hit, S hit that also skipped the probe) and the diff's median."""
+    skipped = stats.get("probe_skipped", [False] * len(stats["cached"]))
+    letters = "".join("S" if probe_skipped else ("H" if cached else "C")
+                      for cached, probe_skipped in zip(stats["cached"], skipped))
+    return (f"{stats['steps']} steps, {stats['steps_computed']} computed, {stats['steps_cached']} cached "
+            f"[{letters}], median diff {stats['diff_percentiles']['P50']:.4f}")

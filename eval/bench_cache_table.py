@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import mindspore as ms  # noqa: E402
 
 from eval.bench_common import AlwaysComputedPart, PeakHostMemory, flux_inputs, timed, to_mindspore  # noqa: E402
+from eval.cli_common import DEVICE_TARGETS, DTYPE_NAMES, check_dtype_device, check_image_size  # noqa: E402
 from models.embedded import EMBEDDED, TRAINED, embedded_checkpoint, generation_defaults  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
 from pipeline_flux import DTYPES, MAX_SEQUENCE_LENGTH, FBCacheConfig, FluxPipeline  # noqa: E402
@@ -75,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="pixels, multiples of 16 (default 128 128 emoji, 256 256 demo, 512 512 mid, 1024 1024 "
                              "--ckpt)")
     parser.add_argument("--num_inference_steps", type=int, help="default 28 (8 on the random demo / mid)")
-    parser.add_argument("--guidance_scale", type=float, default=3.5)
+    parser.add_argument("--guidance_scale", type=float,
+                        help="checkpoints with guidance embedding only (FLUX.1-dev; default 3.5)")
     parser.add_argument("--max_sequence_length", type=int,
                         help="T5 tokens (default: the T5 tokenizer's model_max_length, at most 512)")
     parser.add_argument("--seed", type=int, default=42)
@@ -92,8 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no_forced", action="store_true", help="skip the forced-hit rows")
     parser.add_argument("--no_pynative", action="store_true", help="skip the PyNative baseline row")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the compile round")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    parser.add_argument("--device_target", default="CPU", choices=DEVICE_TARGETS)
     parser.add_argument("--json", type=Path, help="write the table and every measurement here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
     args = parser.parse_args(argv)
@@ -104,8 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.num_inference_steps = defaults["num_inference_steps"]
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
         parser.error(f"--max_sequence_length must lie in [1, {MAX_SEQUENCE_LENGTH}], got {args.max_sequence_length}")
-    if any(side <= 0 or side % 16 for side in args.image_size):
-        parser.error(f"--image_size must be positive multiples of 16 (8x VAE, 2x2 packing), got {args.image_size}")
+    check_image_size(parser, args.image_size)
     if args.num_inference_steps < 2 or args.repeats < 1:
         parser.error("--num_inference_steps must be >= 2 and --repeats >= 1")
     if not 0 <= args.taylorseer_derivative <= MAX_TAYLOR_ORDER:
@@ -114,8 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--thresholds must be > 0 (a threshold <= 0 never caches: that is the baseline row)")
     if not args.no_forced and not 1 <= args.forced_warmup < args.num_inference_steps:
         parser.error(f"--forced_warmup must lie in [1, {args.num_inference_steps - 1}] so that some steps are cached")
-    if args.dtype == "bfloat16" and args.device_target == "CPU":
-        parser.error("bfloat16 matmul is not supported by MindSpore's CPU backend; use float32 or float16")
+    check_dtype_device(parser, args.dtype, args.device_target)
     for name in ("json", "markdown"):
         path = getattr(args, name)
         if path is not None and not path.parent.is_dir():

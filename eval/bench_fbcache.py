@@ -19,7 +19,9 @@ sys.path.insert(0, str(REPO_ROOT))
 import mindspore as ms  # noqa: E402
 
 from eval.bench_common import AlwaysComputedPart, flux_inputs, time_calls, timed, to_mindspore  # noqa: E402
-from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
+from eval.cli_common import check_image_size  # noqa: E402
+from models.demo_configs import TRANSFORMER_CONFIGS  # noqa: E402
+from models.embedded import embedded_checkpoint  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
 from models.transformer_flux import FluxTransformer2DModel  # noqa: E402
 from models.transformer_flux_withFBCache import enable_fbcache  # noqa: E402
@@ -45,8 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="warm-up calls of the uncached model and of the always-computed part")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if any(side <= 0 or side % 16 for side in args.image_size):
-        parser.error(f"--image_size must be positive multiples of 16, got {args.image_size}")
+    check_image_size(parser, args.image_size)
     if args.computed_steps < 2 or args.cached_steps < 1:
         parser.error("--computed_steps must be >= 2 (the first includes the compile) and --cached_steps >= 1")
     if any(not 0 <= order <= MAX_TAYLOR_ORDER for order in args.orders):
@@ -79,8 +80,7 @@ def generation(model, context: CacheContext, tensors: dict, steps: int, counterp
 def main(argv=None) -> dict:
     args = parse_args(argv)
     ms.set_context(mode=ms.GRAPH_MODE)
-    folder = Path(args.ckpt) if args.ckpt else ensure_demo_checkpoint(
-        REPO_ROOT / "checkpoints" / f"flux-{args.config}", args.config)
+    folder = Path(args.ckpt) if args.ckpt else embedded_checkpoint(args.config)
     cached = load(folder)
     config = cached.config
     inputs = flux_inputs(config, args.image_size, args.text_tokens, args.batch_size)

@@ -16,7 +16,9 @@ sys.path.insert(0, str(REPO_ROOT))
 import mindspore as ms  # noqa: E402
 
 from eval.bench_common import flux_inputs, time_calls, to_mindspore  # noqa: E402
-from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint  # noqa: E402
+from eval.cli_common import DEVICE_TARGETS, DTYPE_NAMES, check_dtype_device, check_image_size  # noqa: E402
+from models.demo_configs import TRANSFORMER_CONFIGS  # noqa: E402
+from models.embedded import embedded_checkpoint  # noqa: E402
 from models.loading import CheckpointError, model_folder, read_config  # noqa: E402
 from models.transformer_flux import REQUIRED_CONFIG_KEYS, FluxTransformer2DModel  # noqa: E402
 from pipeline_flux import DTYPES  # noqa: E402
@@ -34,20 +36,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="image size in pixels, multiples of 16 (default 256 256 demo, 512 512 mid)")
     parser.add_argument("--text_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["graph", "pynative"])
     parser.add_argument("--repeats", type=int, default=5, help="timed forward passes after the first call")
     parser.add_argument("--torch", action="store_true", help="also time diffusers' torch model (eager, CPU)")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
-    parser.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    parser.add_argument("--device_target", default="CPU", choices=DEVICE_TARGETS)
     args = parser.parse_args(argv)
     size = args.image_size or DEFAULT_IMAGE_SIZE.get(args.config, (256, 256))
-    if any(side <= 0 or side % 16 for side in size):
-        parser.error(f"--image_size must be positive multiples of 16 (8x VAE downsampling, 2x2 packing), got {size}")
+    check_image_size(parser, size)
     if args.repeats < 1 or args.text_tokens < 1 or args.batch_size < 1:
         parser.error("--repeats, --text_tokens and --batch_size must be at least 1")
-    if args.dtype == "bfloat16" and args.device_target == "CPU":
-        parser.error("bfloat16 matmul is not supported by MindSpore's CPU backend; use float32 or float16")
+    check_dtype_device(parser, args.dtype, args.device_target)
     args.image_size = size
     return args
 
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     if args.ckpt:
         folder = Path(args.ckpt)
     else:
-        folder = ensure_demo_checkpoint(REPO_ROOT / "checkpoints" / f"flux-{args.config}", args.config)
+        folder = embedded_checkpoint(args.config)
     config = read_config(model_folder(str(folder), "transformer"), "FluxTransformer2DModel", REQUIRED_CONFIG_KEYS)
     inputs = flux_inputs(config, args.image_size, args.text_tokens, args.batch_size)
     tokens = inputs["hidden_states"].shape[1]

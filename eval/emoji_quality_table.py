@@ -102,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "emoji_quality")
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS,
-                        help=f"named cache settings of tests/test_accuracy_data.py (default: {' '.join(DEFAULT_SETTINGS)})")
+                        help=f"named cache settings of tests/accuracy_data.py (default: {' '.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--num_prompts", type=int, default=32, help="held-out prompts (at most 32)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--gallery", type=Path,

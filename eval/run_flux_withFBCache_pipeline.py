@@ -4,9 +4,16 @@ Without --ckpt it runs the shipped small Flux trained on the emoji world (assets
 architecture and folder layout, 128x128 scenes of 32 emoji on coloured backgrounds, captions such as
 "a small fox at the top right, on a yellow background"). It is not FLUX.1; give --ckpt
 /path/to/FLUX.1-dev for FLUX images. --demo_config demo|mid picks a random-weight checkpoint instead.
+
+Arguments are checked before MindSpore is imported (--help answers at once; a bad flag fails before
+any loading). Existing PNGs are never replaced unless --overwrite is given: a taken name gets a
+numbered one (fbcache_0-1.png, ...).
 """
 
 import argparse
+import errno
+import json
+import math
 import os
 import sys
 import tempfile
@@ -16,15 +23,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import mindspore as ms  # noqa: E402
+from cache_config import check_block_split  # noqa: E402
+from eval.cli_common import (DEVICE_TARGETS, DTYPE_NAMES, MAX_SEQUENCE_LENGTH, add_cache_arguments,  # noqa: E402
+                             cache_config_from_args, check_count, check_dtype_device, check_image_size, check_seed,
+                             quiet_libraries, quiet_stdout)
+from models.demo_configs import TRANSFORMER_CONFIGS  # noqa: E402
+from models.embedded import EMBEDDED, SHIPPED_PIPELINE, TRAINED, generation_defaults  # noqa: E402
 
-from models.embedded import EMBEDDED, TRAINED, embedded_checkpoint, generation_defaults  # noqa: E402
-from models.loading import CheckpointError  # noqa: E402
-from pipeline_flux import DTYPES, FBCacheConfig, FluxPipeline  # noqa: E402
-from utils import MAX_TAYLOR_ORDER, format_summary  # noqa: E402
 
-
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="diffusers-format FLUX folder; default: the shipped emoji-world Flux")
     parser.add_argument("--demo_config", choices=EMBEDDED, default=TRAINED,
@@ -32,53 +39,51 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "random-weight 'demo' / larger 'mid'")
     parser.add_argument("--prompt", nargs="+", help="one or more prompts (default: one the checkpoint can draw)")
     parser.add_argument("--negative_prompt", nargs="+",
-                        help="negative prompt(s), one or one per prompt; used with --true_cfg_scale > 1 "
+                        help="negative prompt(s), one or one per prompt; needs --true_cfg_scale > 1 "
                              "(default \"\" when --true_cfg_scale > 1)")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"),
                         help="multiples of 16 (default 1024 1024 with --ckpt; 128 128 emoji, 256 256 demo/mid)")
     parser.add_argument("--save_path", type=Path, default=REPO_ROOT / "outputs", help="folder for the PNGs")
-    parser.add_argument("--residual_diff_threshold", type=float, default=0.08,
-                        help="cache a step when the first-block residual changed less than this; <= 0 never caches. "
-                             "Measured on the shipped model (28 steps, README 'Our cache against every peer'): "
-                             "0.04 with --taylorseer_derivative 1 --verify_forecast --sync_cfg_branches saves 1.56x "
-                             "of the block compute at 51 dB PSNR; 0.08 plain saves 1.55x at 45 dB; 0.12 with "
-                             "--skip_probe_steps 2 --warmup_steps 3 --sync_cfg_branches saves 2.75x at 38 dB")
-    parser.add_argument("--taylorseer_derivative", type=int, default=0,
-                        help=f"forecast order 0-{MAX_TAYLOR_ORDER} of the cached residual (0 = plain reuse)")
-    parser.add_argument("--forecast_space", choices=("step", "sigma"), default="step",
-                        help="variable of the forecast polynomial: step index, or the scheduler's sigma (ODE time)")
-    parser.add_argument("--verify_forecast", action="store_true",
-                        help="gate on the probe residual's own forecast error instead of its raw change")
-    parser.add_argument("--skip_probe_steps", type=int, default=0,
-                        help="after a cache hit, up to this many steps run no block at all (the first-block "
-                             "residual is forecast too); needs --bn_compute_blocks 0")
-    parser.add_argument("--sync_cfg_branches", action="store_true",
-                        help="with true CFG, the uncond branch caches exactly when the cond branch does")
-    parser.add_argument("--warmup_steps", type=int, default=0, help="first steps always computed")
-    parser.add_argument("--max_cached_steps", type=int, default=-1, help="-1 = no limit")
-    parser.add_argument("--max_continuous_cached_steps", type=int, default=-1, help="-1 = no limit")
-    parser.add_argument("--fn_compute_blocks", type=int, default=1, help="blocks always computed first")
-    parser.add_argument("--bn_compute_blocks", type=int, default=0, help="blocks always computed last")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing PNGs of the same name (default: write under the next free name)")
+    add_cache_arguments(parser)
     parser.add_argument("--no_cache", action="store_true", help="run only the uncached transformer")
     parser.add_argument("--compare_baseline", action="store_true",
                         help="also run the uncached baseline in this process and print both times")
     parser.add_argument("--use_graph_mode", action=argparse.BooleanOptionalAction, default=True,
                         help="MindSpore GRAPH mode (default) or PyNative (--no-use_graph_mode)")
     parser.add_argument("--num_inference_steps", type=int, help="default 28 (8 for the random demo/mid)")
-    parser.add_argument("--guidance_scale", type=float, default=3.5, help="distilled guidance (FLUX.1-dev)")
+    parser.add_argument("--guidance_scale", type=float,
+                        help="distilled guidance of checkpoints with guidance embedding (FLUX.1-dev; default 3.5); "
+                             "refused by others (schnell, the shipped emoji model)")
     parser.add_argument("--true_cfg_scale", type=float,
                         help="> 1 with a negative prompt: true CFG (default 4 on the trained emoji model, else 1)")
     parser.add_argument("--num_images_per_prompt", type=int, default=1)
     parser.add_argument("--max_sequence_length", type=int,
                         help="T5 tokens (default: the T5 tokenizer's model_max_length, at most 512; 32 on emoji)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device_target", choices=["CPU", "GPU", "Ascend"], default="CPU")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    parser.add_argument("--device_target", choices=DEVICE_TARGETS, default="CPU")
     parser.add_argument("--mindone_models", action="store_true",
                         help="mindone's FluxTransformer2DModel and AutoencoderKL (Ascend) instead of the portable "
                              "models")
-    args = parser.parse_args(argv)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show MindSpore's and transformers' log lines and the cache's per-step table")
+    return parser
 
+
+def transformer_config(args: argparse.Namespace) -> dict:
+    """The transformer's config, read without MindSpore (empty if the folder has none: loading says why)."""
+    if not args.ckpt and args.demo_config != TRAINED:
+        return TRANSFORMER_CONFIGS[args.demo_config]
+    path = Path(args.ckpt or SHIPPED_PIPELINE) / "transformer" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def apply_defaults(args: argparse.Namespace) -> None:
     defaults = generation_defaults(bool(args.ckpt), args.demo_config)
     args.image_size = tuple(args.image_size or defaults["image_size"])
     for name in ("prompt", "num_inference_steps", "true_cfg_scale"):
@@ -86,27 +91,55 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, defaults[name])
     if args.negative_prompt is None and args.true_cfg_scale > 1:
         args.negative_prompt = [""]
-    if any(side <= 0 or side % 16 for side in args.image_size):
-        parser.error(f"--image_size must be positive multiples of 16 (8x VAE downsampling, 2x2 packing), "
-                     f"got {args.image_size[0]} {args.image_size[1]}")
-    if args.dtype == "bfloat16" and args.device_target == "CPU":
-        parser.error("--dtype bfloat16 needs bf16 matmul, which MindSpore's CPU backend lacks: use float32 or "
-                     "float16 on CPU (bfloat16 on Ascend)")
-    if args.mindone_models and args.device_target == "CPU":
-        parser.error("--mindone_models: mindone's Flux transformer and VAE need kernels MindSpore's CPU backend "
-                     "lacks; use them with --device_target Ascend, or drop the flag for the portable models")
+
+
+def check_generation(parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict) -> None:
+    """What the pipeline would refuse after loading, refused here before it."""
+    check_image_size(parser, args.image_size)
+    check_dtype_device(parser, args.dtype, args.device_target)
+    check_seed(parser, args.seed)
+    check_count(parser, "--num_inference_steps", args.num_inference_steps)
+    check_count(parser, "--num_images_per_prompt", args.num_images_per_prompt)
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        parser.error(f"--max_sequence_length must lie in [1, {MAX_SEQUENCE_LENGTH}], got {args.max_sequence_length}")
     if args.negative_prompt and len(args.negative_prompt) not in (1, len(args.prompt)):
         parser.error(f"--negative_prompt has {len(args.negative_prompt)} entries for {len(args.prompt)} prompts: "
                      "give one, or one per prompt")
-    if not 0 <= args.taylorseer_derivative <= MAX_TAYLOR_ORDER:
-        parser.error(f"--taylorseer_derivative must lie in [0, {MAX_TAYLOR_ORDER}], got {args.taylorseer_derivative}")
-    if args.num_inference_steps < 1:
-        parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
-    if args.skip_probe_steps < 0 or (args.skip_probe_steps and args.bn_compute_blocks):
-        parser.error(f"--skip_probe_steps must be >= 0, and 0 with --bn_compute_blocks > 0 (a step without the "
-                     f"first blocks has no text stream for the last ones), got {args.skip_probe_steps}")
+    if args.negative_prompt and args.true_cfg_scale <= 1:
+        parser.error(f"--negative_prompt is used only with true CFG: add --true_cfg_scale > 1 (it is "
+                     f"{args.true_cfg_scale:g}), or drop --negative_prompt")
+    for flag in ("guidance_scale", "true_cfg_scale"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            parser.error(f"--{flag} must be a finite number, got {value}")
+    if args.guidance_scale is not None and config.get("guidance_embeds") is False:
+        parser.error("--guidance_scale: this checkpoint has no guidance embedding (FLUX.1-schnell style), so it "
+                     "would be ignored; drop it (--true_cfg_scale with a negative prompt guides such models)")
+
+
+def check_setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.mindone_models and args.device_target == "CPU":
+        parser.error("--mindone_models: mindone's Flux transformer and VAE need kernels MindSpore's CPU backend "
+                     "lacks; use them with --device_target Ascend, or drop the flag for the portable models")
     if args.no_cache and args.compare_baseline:
         parser.error("--no_cache and --compare_baseline exclude each other")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check every argument; nothing here imports MindSpore."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_defaults(args)
+    config = transformer_config(args)
+    check_setup(parser, args)
+    check_generation(parser, args, config)
+    args.cache = cache_config_from_args(parser, args)
+    blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)
+    if blocks and not args.no_cache:
+        try:
+            check_block_split(args.cache.fn_compute_blocks, args.cache.bn_compute_blocks, blocks)
+        except ValueError as error:
+            parser.error(f"--fn_compute_blocks / --bn_compute_blocks: {error}")
     return args
 
 
@@ -120,53 +153,69 @@ def check_writable(folder: Path) -> None:
         raise SystemExit(f"error: cannot write to --save_path {folder}: {error}")
 
 
-def cache_config(args: argparse.Namespace) -> FBCacheConfig:
-    return FBCacheConfig(
-        residual_diff_threshold=args.residual_diff_threshold, taylorseer_derivative=args.taylorseer_derivative,
-        warmup_steps=args.warmup_steps, max_cached_steps=args.max_cached_steps,
-        max_continuous_cached_steps=args.max_continuous_cached_steps, fn_compute_blocks=args.fn_compute_blocks,
-        bn_compute_blocks=args.bn_compute_blocks, forecast_space=args.forecast_space,
-        verify_forecast=args.verify_forecast, skip_probe_steps=args.skip_probe_steps,
-        sync_cfg_branches=args.sync_cfg_branches)
+def free_names(path: Path):
+    """`path`, then `stem-1.png`, `stem-2.png`, ...: the names a PNG may take without replacing one."""
+    yield path
+    index = 1
+    while True:
+        yield path.with_name(f"{path.stem}-{index}{path.suffix}")
+        index += 1
 
 
-def generate(pipeline: FluxPipeline, args: argparse.Namespace, cache, label: str, steps: int):
+def claim_name(path: Path, overwrite: bool) -> Path:
+    """Reserve the PNG's final name atomically (O_EXCL), so two runs writing to the same folder at once
+    each keep their image; with `overwrite`, the name itself."""
+    if overwrite:
+        return path
+    for candidate in free_names(path):
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def save_image(image, path: Path, overwrite: bool) -> Path:
+    """Write to a unique temporary file, then rename onto the claimed name: no partial PNG is ever left,
+    and a full disk is reported with the file it hit, not as a traceback."""
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.partial")
+    os.close(handle)
+    try:
+        image.save(partial, format="PNG")
+        final = claim_name(path, overwrite)
+        os.replace(partial, final)
+        return final
+    except OSError as error:
+        Path(partial).unlink(missing_ok=True)
+        reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
+        raise SystemExit(f"error: could not write {path}: {reason}; free space or choose another --save_path "
+                         "(no partial file was left)")
+
+
+def generate(pipeline, args: argparse.Namespace, cache, label: str, steps: int):
     print(f"\n[{label}] {steps} steps at {args.image_size[0]}x{args.image_size[1]}", flush=True)
-    last = [time.perf_counter()]
-
-    def progress(step: int, total: int, cached: dict) -> None:
-        now = time.perf_counter()
-        decisions = ", ".join(f"{name} {'cached' if hit else 'computed'}" for name, hit in cached.items())
-        print(f"  step {step + 1}/{total}  {now - last[0]:.2f} s  {decisions}", flush=True)
-        last[0] = now
-
     started = time.perf_counter()
     output = pipeline(
         args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
         height=args.image_size[0], width=args.image_size[1], num_inference_steps=steps,
         guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images_per_prompt, seed=args.seed,
-        max_sequence_length=args.max_sequence_length, cache=cache, callback=progress)
+        max_sequence_length=args.max_sequence_length, cache=cache, progress=True)
     elapsed = time.perf_counter() - started
     print(f"[{label}] total {elapsed:.2f} s", flush=True)
     return output, elapsed
 
 
-def save_images(images, folder: Path, label: str) -> list:
-    """Each PNG is written under a temporary name and renamed, so no partial file is ever left."""
-    paths = []
-    for index, image in enumerate(images):
-        path = folder / f"{label}_{index}.png"
-        partial = path.with_name(path.name + ".partial")
-        image.save(partial, format="PNG")
-        os.replace(partial, path)
-        paths.append(path)
-    return paths
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    check_writable(args.save_path)
-    ms.set_context(mode=ms.GRAPH_MODE if args.use_graph_mode else ms.PYNATIVE_MODE, device_target=args.device_target)
+def load_pipeline(args: argparse.Namespace):
+    """Import MindSpore (quietly unless --verbose), set the device, and load the pipeline."""
+    from eval.device_check import check_device_target
+    check_device_target(args.device_target)
+    quiet_libraries(args.verbose)
+    with quiet_stdout(args.verbose):
+        import mindspore as ms
+        from models.embedded import embedded_checkpoint
+        from pipeline_flux import DTYPES, FluxPipeline
+    ms.set_context(mode=ms.GRAPH_MODE if args.use_graph_mode else ms.PYNATIVE_MODE)
+    ms.set_device(args.device_target)
     folder = args.ckpt or embedded_checkpoint(args.demo_config)
     if not args.ckpt and args.demo_config == TRAINED:
         print(f"Using the shipped emoji-world Flux {folder} (trained here; not FLUX.1, give --ckpt for FLUX).",
@@ -174,14 +223,29 @@ def main(argv=None) -> None:
     elif not args.ckpt:
         print(f"Using the embedded demo checkpoint {folder}: RANDOM weights, not FLUX.1 (give --ckpt for real "
               "images).", flush=True)
-    pipeline = FluxPipeline.from_pretrained(str(folder), mindspore_dtype=DTYPES[args.dtype],
-                                            use_mindone_models=args.mindone_models)
+    return FluxPipeline.from_pretrained(str(folder), mindspore_dtype=DTYPES[args.dtype],
+                                        use_mindone_models=args.mindone_models)
+
+
+def print_summaries(summaries: dict, verbose: bool) -> None:
+    from utils import format_summary, format_summary_line
+    for branch, summary in summaries.items():
+        if verbose:
+            print(f"\nFBCache summary ({branch} branch):\n{format_summary(summary)}")
+        else:
+            print(f"FBCache {branch}: {format_summary_line(summary)}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_writable(args.save_path)
+    pipeline = load_pipeline(args)
 
     runs = []
     if args.compare_baseline or args.no_cache:
         runs.append(("baseline", None))
     if not args.no_cache:
-        runs.append(("fbcache", cache_config(args)))
+        runs.append(("fbcache", args.cache))
     if args.compare_baseline:
         # One-step runs compile every graph first, so the timed runs compare steps, not compilations.
         for label, cache in runs:
@@ -189,10 +253,9 @@ def main(argv=None) -> None:
     times = {}
     for label, cache in runs:
         output, times[label] = generate(pipeline, args, cache, label, args.num_inference_steps)
-        for branch, summary in output.cache_summaries.items():
-            print(f"\nFBCache summary ({branch} branch):\n{format_summary(summary)}")
-        for path in save_images(output.images, args.save_path, label):
-            print(f"wrote {path}")
+        print_summaries(output.cache_summaries, args.verbose)
+        for index, image in enumerate(output.images):
+            print(f"wrote {save_image(image, args.save_path / f'{label}_{index}.png', args.overwrite)}")
     if len(times) == 2:
         print(f"\nbaseline {times['baseline']:.2f} s, fbcache {times['fbcache']:.2f} s, speedup "
               f"{times['baseline'] / times['fbcache']:.2f}x (graphs compiled beforehand)")
@@ -201,5 +264,5 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, CheckpointError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # CheckpointError and NonFiniteError are ValueErrors
         sys.exit(f"error: {error}")

@@ -100,8 +100,7 @@ class FluxAttention(nn.Cell):
             self.to_add_out = nn.Dense(inner_dim, dim)
 
     def _heads(self, x: Tensor) -> Tensor:
-        batch, tokens, _ = x.shape
-        return x.reshape(batch, tokens, self.heads, -1).swapaxes(1, 2)
+        return x.reshape(x.shape[0], x.shape[1], self.heads, -1).swapaxes(1, 2)
 
     def construct(self, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                   image_rotary_emb: Optional[RotaryEmbedding] = None):
@@ -116,8 +115,7 @@ class FluxAttention(nn.Cell):
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
         out = scaled_dot_product_attention(query, key, value, self.use_fused_attention)
-        batch, _, tokens, _ = out.shape
-        out = out.swapaxes(1, 2).reshape(batch, tokens, -1)
+        out = out.swapaxes(1, 2).reshape(out.shape[0], out.shape[2], -1)
         if not self.joint:
             return out
         text_tokens = encoder_hidden_states.shape[1]

@@ -12,6 +12,8 @@ diffusers / transformers checkpoints use, so the same folder loads in diffusers 
 
 import json
 import math
+import os
+import secrets
 import shutil
 import string
 import zlib
@@ -23,26 +25,11 @@ from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 from safetensors.numpy import save_file
 
-from .loading import WEIGHTS_NAME
+from .demo_configs import TRANSFORMER_CONFIGS
+from .loading import WEIGHTS_NAME, read_config
 from .transformer_flux import FluxTransformer2DModel
 
 TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
-
-# Real FLUX.1 keeps in_channels=64 (16 latent channels packed 2x2) and a 3-axis rope; so do these.
-TRANSFORMER_CONFIGS: Dict[str, dict] = {
-    "demo": dict(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(8, 12, 12),
-    ),
-    # Big enough that block compute dominates a forward pass on CPU (the benchmarks use it): hidden 1024,
-    # 3 double + 6 single blocks, 0.2 G parameters.
-    "mid": dict(
-        patch_size=1, in_channels=64, num_layers=3, num_single_layers=6, attention_head_dim=128,
-        num_attention_heads=8, joint_attention_dim=512, pooled_projection_dim=128, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ),
-}
 
 
 def seeded_weights(shapes: Dict[str, tuple], seed: Union[int, Sequence[int]]) -> Dict[str, np.ndarray]:
@@ -326,13 +313,10 @@ def write_model_index(folder: Path) -> Path:
     return Path(folder)
 
 
-def write_pipeline_checkpoint(folder: Path, name: str = "demo", seed: int = 0) -> Path:
-    """Write a complete diffusers FLUX pipeline folder for the named transformer config; returns `folder`.
-
-    Text encoder widths follow the transformer (CLIP hidden = pooled_projection_dim, T5 d_model =
-    joint_attention_dim) and their vocabularies follow the tokenizers, so every component fits.
-    """
-    folder = Path(folder)
+def write_components(folder: Path, name: str, seed: int) -> None:
+    """Write every file of the named pipeline into `folder`. Text encoder widths follow the transformer
+    (CLIP hidden = pooled_projection_dim, T5 d_model = joint_attention_dim) and their vocabularies follow
+    the tokenizers, so every component fits."""
     transformer_config = TRANSFORMER_CONFIGS[name]
     write_model_index(folder)
     write_scheduler_config(folder)
@@ -342,12 +326,63 @@ def write_pipeline_checkpoint(folder: Path, name: str = "demo", seed: int = 0) -
     write_text_encoder_2_checkpoint(folder, t5_encoder_config(transformer_config, t5_vocab_size), seed)
     write_transformer_checkpoint(folder, transformer_config, seed)
     write_vae_checkpoint(folder, seed)
+
+
+def missing_parts(folder: Path) -> List[str]:
+    """What `folder` lacks of a complete pipeline folder: model_index.json and the component subfolders."""
+    missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
+    return missing + [f"{component}/" for component in PIPELINE_COMPONENTS if not (folder / component).is_dir()]
+
+
+def check_complete(folder: Path) -> None:
+    missing = missing_parts(folder)
+    if missing:
+        raise FileNotFoundError(f"{folder} exists but is not a complete pipeline checkpoint (it lacks "
+                                f"{', '.join(missing)}; older versions wrote only transformer/): delete it to have "
+                                "it recreated")
+
+
+def move_into_place(temporary: Path, folder: Path) -> None:
+    """Rename `temporary` to `folder` in one step (POSIX rename replaces only an absent or empty folder). If
+    another writer completed `folder` first, its checkpoint is kept and `temporary` discarded."""
+    try:
+        temporary.rename(folder)
+    except OSError:
+        shutil.rmtree(temporary)
+        if not folder.exists():
+            raise
+        check_complete(folder)
+
+
+def write_pipeline_checkpoint(folder: Path, name: str = "demo", seed: int = 0) -> Path:
+    """Write a complete diffusers FLUX pipeline folder for the named transformer config; returns `folder`.
+
+    `folder` must be absent or empty. Everything is written into a temporary folder of this writer's own
+    beside it, then renamed into place in one step, so no reader ever sees a half-written checkpoint and
+    writers running at the same time never touch each other's files. The first complete writer wins: one
+    that finds `folder` complete when it finishes keeps that and discards its own (the same name and seed
+    write the same bytes). The temporary folder is made with mkdir, not tempfile.mkdtemp, whose 0700
+    mode the checkpoint would keep after the rename (unreadable to other users); its name says what it
+    is and which process wrote it. An exception or Ctrl-C removes it; one left by a killed process is
+    never read (only `folder` is) and is not deleted automatically, because its age cannot tell a dead
+    writer from a slow or suspended one: delete `<name>.incomplete-*` folders by hand.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = folder.with_name(f"{folder.name}.incomplete-{os.getpid()}-{secrets.token_hex(4)}")
+    temporary.mkdir()
+    try:
+        write_components(temporary, name, seed)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # the write's own error is the one to report
+        raise
+    move_into_place(temporary, folder)
     return folder
 
 
 def check_transformer_config(folder: Path, name: str) -> None:
     """Refuse an existing embedded checkpoint written for another version of the named configuration."""
-    stored = json.loads((folder / "transformer" / "config.json").read_text())
+    stored = read_config(folder / "transformer", "FluxTransformer2DModel", ())
     differing = sorted(key for key, value in TRANSFORMER_CONFIGS[name].items()
                        if json.loads(json.dumps(value)) != stored.get(key))
     if differing:
@@ -356,22 +391,14 @@ def check_transformer_config(folder: Path, name: str) -> None:
 
 
 def ensure_demo_checkpoint(folder: Path, name: str = "demo", seed: int = 0) -> Path:
-    """Create the named random-weight pipeline checkpoint at `folder` unless it is already there.
-
-    Written to a sibling temporary folder and renamed into place, so an interrupted run never leaves a
-    half-written checkpoint behind.
-    """
+    """Create the named random-weight pipeline checkpoint at `folder` unless it is already there, safely when
+    several runs create it at once (see write_pipeline_checkpoint). A folder there that is incomplete or
+    made by an older version is refused with a message saying to delete it."""
     folder = Path(folder)
-    if folder.exists():
-        if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"{folder} exists but is not a complete pipeline checkpoint (no model_index.json; "
-                                    "older versions wrote only transformer/): delete it to have it recreated")
-        check_transformer_config(folder, name)
-        return folder
-    print(f"Creating the '{name}' checkpoint at {folder}: a small RANDOM-WEIGHT Flux pipeline for "
-          "demonstration and tests, not FLUX.1.", flush=True)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    write_pipeline_checkpoint(partial, name, seed)
-    partial.rename(folder)
+    if not folder.exists():
+        print(f"Creating the '{name}' checkpoint at {folder}: a small RANDOM-WEIGHT Flux pipeline for "
+              "demonstration and tests, not FLUX.1.", flush=True)
+        write_pipeline_checkpoint(folder, name, seed)
+    check_complete(folder)
+    check_transformer_config(folder, name)
     return folder

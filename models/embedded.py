@@ -10,7 +10,7 @@
 from pathlib import Path
 from typing import Dict
 
-from models.demo_checkpoint import TRANSFORMER_CONFIGS, ensure_demo_checkpoint
+from models.demo_configs import TRANSFORMER_CONFIGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PIPELINE = REPO_ROOT / "assets" / "flux-emoji"
@@ -40,6 +40,8 @@ def embedded_checkpoint(name: str = TRAINED) -> Path:
         return SHIPPED_PIPELINE
     if name not in TRANSFORMER_CONFIGS:
         raise ValueError(f"unknown embedded checkpoint {name!r}; choose one of {', '.join(EMBEDDED)}")
+    from models.demo_checkpoint import ensure_demo_checkpoint  # imports MindSpore: only when one is needed
+
     return ensure_demo_checkpoint(REPO_ROOT / "checkpoints" / f"flux-{name}", name)
 
 

@@ -27,8 +27,7 @@ class LayerNormNoAffine(nn.Cell):
         self.zero_shift = Tensor(np.zeros(dim, np.float32))
 
     def construct(self, x: Tensor) -> Tensor:
-        normed, _, _ = self.layer_norm(x.astype(ms.float32), self.unit_scale, self.zero_shift)
-        return normed.astype(x.dtype)
+        return self.layer_norm(x.astype(ms.float32), self.unit_scale, self.zero_shift)[0].astype(x.dtype)
 
 
 class RMSNorm(nn.Cell):

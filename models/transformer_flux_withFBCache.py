@@ -17,17 +17,18 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from models.transformer_flux import check_call_options, embed_inputs, num_blocks, run_blocks
+from cache_config import check_block_split
 from utils import CacheContext
 
 
 def _check_block_counts(model, context: CacheContext) -> None:
-    if context.fn_compute_blocks + context.bn_compute_blocks > num_blocks(model):
-        raise ValueError(f"fn_compute_blocks + bn_compute_blocks must be <= {num_blocks(model)} blocks, got "
-                         f"{context.fn_compute_blocks} + {context.bn_compute_blocks}")
+    check_block_split(context.fn_compute_blocks, context.bn_compute_blocks, num_blocks(model))
 
 
-def _check_call(model, context, hidden_states: Tensor, encoder_hidden_states: Tensor) -> None:
-    """On the embedded streams. Shapes are compile-time constants: a mismatch fails at compile time."""
+def _checked(model, context, hidden_states: Tensor, encoder_hidden_states: Tensor) -> Tensor:
+    """`hidden_states`, after checking the embedded streams against the context. Shapes are compile-time
+    constants: a mismatch fails at compile time. Returned rather than called for its effect: a call whose
+    result is unused became an isolated node that MindSpore removed with a [WARNING]."""
     got = (hidden_states.shape[0], hidden_states.shape[1], hidden_states.shape[2])
     expected = (context.batch_size, context.seq_len, context.inner_dim)
     if got != expected:
@@ -36,6 +37,7 @@ def _check_call(model, context, hidden_states: Tensor, encoder_hidden_states: Te
         raise ValueError(f"FBCache context expects {context.text_seq_len} text tokens, "
                          f"got {encoder_hidden_states.shape[1]}")
     _check_block_counts(model, context)
+    return hidden_states
 
 
 def cached_forward(model, context: CacheContext, hidden_states: Tensor, encoder_hidden_states: Tensor,
@@ -46,7 +48,7 @@ def cached_forward(model, context: CacheContext, hidden_states: Tensor, encoder_
     middle_end = num_blocks(model) - context.bn_compute_blocks
     hidden_states, encoder_hidden_states, temb, rotary = embed_inputs(
         model, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
-    _check_call(model, context, hidden_states, encoder_hidden_states)
+    hidden_states = _checked(model, context, hidden_states, encoder_hidden_states)
 
     # The scheduler's sigma is the timestep the pipeline passes (t / 1000): the forecast's ODE time.
     position = context.position(timestep[0])
@@ -71,8 +73,8 @@ def cached_forward(model, context: CacheContext, hidden_states: Tensor, encoder_
             context.update_on_miss(probe_residual, middle_hidden - hidden_states,
                                    middle_encoder - encoder_hidden_states, position)
             hidden_states, encoder_hidden_states = middle_hidden, middle_encoder
-        encoder_hidden_states, hidden_states = run_blocks(
-            model, middle_end, num_blocks(model), hidden_states, encoder_hidden_states, temb, rotary)
+        hidden_states = run_blocks(
+            model, middle_end, num_blocks(model), hidden_states, encoder_hidden_states, temb, rotary)[1]
     context.finish_step(diff)
     return (model.proj_out(model.norm_out(hidden_states, temb)),)
 
@@ -109,8 +111,13 @@ class FBCachedTransformer(nn.Cell):
 
 
 def enable_fbcache(transformer, cache_context: CacheContext) -> None:
-    """Attach a context and bind the cached forward. Do it before the first call (see module doc)."""
+    """Attach a context and bind the cached forward. Do it before the first call (see module doc): a
+    model already compiled would keep running its compiled uncached graph, so that is refused."""
     _check_block_counts(transformer, cache_context)
+    if transformer.compile_cache:
+        raise ValueError("enable_fbcache: this transformer has already run in graph mode, and its compiled graph "
+                         "would ignore the cached forward (the cache would never run); call enable_fbcache before "
+                         "the first call, or wrap it instead: FBCachedTransformer(transformer, cache_context)")
     transformer.fbcache_context = cache_context
     transformer.construct = types.MethodType(FBCache_transformer_construct, transformer)
 

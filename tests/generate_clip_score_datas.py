@@ -30,11 +30,12 @@ sys.path[:0] = [str(REPO_ROOT), str(TESTS_DIR)]
 
 import mindspore as ms  # noqa: E402
 
+from eval.cli_common import DEVICE_TARGETS, DTYPE_NAMES, SIZE_MULTIPLE, check_dtype_device  # noqa: E402
 from eval.run_flux_withFBCache_pipeline import check_writable  # noqa: E402
 from models.embedded import embedded_checkpoint, generation_defaults  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
 from pipeline_flux import DTYPES, MAX_SEQUENCE_LENGTH, FluxPipeline  # noqa: E402
-from test_accuracy_data import (CACHE_SETTINGS, DEFAULT_SEED, PROMPT_SETS, RESOLUTIONS, CacheSetting,  # noqa: E402
+from accuracy_data import (CACHE_SETTINGS, DEFAULT_SEED, PROMPT_SETS, RESOLUTIONS, CacheSetting,  # noqa: E402
                                 fbcache_setting)
 from utils import MAX_TAYLOR_ORDER  # noqa: E402
 
@@ -49,8 +50,8 @@ def parse_resolution(text: str) -> Resolution:
         height, width = (int(side) for side in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"image size must be HxW, e.g. 1024x1024, got {text!r}")
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
-        raise argparse.ArgumentTypeError(f"image size sides must be positive multiples of 16, got {text!r}")
+    if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"image size sides must be positive multiples of {SIZE_MULTIPLE}, got {text!r}")
     return height, width
 
 
@@ -75,15 +76,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="one or more sizes (default with --ckpt: " + " ".join(map(resolution_name, RESOLUTIONS))
                         + "; 128x128 for the shipped model)")
     parser.add_argument("--num_inference_steps", type=int, help="default 28")
-    parser.add_argument("--guidance_scale", type=float, default=3.5)
+    parser.add_argument("--guidance_scale", type=float,
+                        help="checkpoints with guidance embedding only (FLUX.1-dev; default 3.5)")
     parser.add_argument("--true_cfg_scale", type=float,
                         help="> 1: true CFG against --negative_prompt (default 4 on the shipped model, else 1)")
     parser.add_argument("--negative_prompt", help="default \"\" with true CFG")
     parser.add_argument("--max_sequence_length", type=int,
                         help="T5 tokens (default: the T5 tokenizer's model_max_length, at most 512)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="prompt i uses seed + i")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device_target", choices=["CPU", "GPU", "Ascend"], default="CPU")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    parser.add_argument("--device_target", choices=DEVICE_TARGETS, default="CPU")
     parser.add_argument("--use_graph_mode", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
 
@@ -116,8 +118,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      f"got {args.thresholds}")
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
         parser.error(f"--max_sequence_length must lie in [1, {MAX_SEQUENCE_LENGTH}], got {args.max_sequence_length}")
-    if args.dtype == "bfloat16" and args.device_target == "CPU":
-        parser.error("--dtype bfloat16 needs bf16 matmul, which MindSpore's CPU backend lacks")
+    check_dtype_device(parser, args.dtype, args.device_target)
     return args
 
 

@@ -16,7 +16,7 @@ from models.transformer_flux import embed_inputs
 from models.transformer_flux_withFBCache import enable_fbcache
 from pipeline_flux import calculate_shift
 from torch_reference import SMALL_CONFIG, make_inputs, relative_max_error, write_torch_checkpoint
-from utils import CacheContext
+from utils import CacheContext, FBCacheConfig
 
 BATCH, HEIGHT, WIDTH, TEXT = 1, 4, 4, 5
 TOKENS = HEIGHT * WIDTH
@@ -244,7 +244,7 @@ def test_orders_become_valid_one_per_computed_step():
     update(Tensor(first), unused_sigma)
     np.testing.assert_array_equal(forecast(unused_sigma).asnumpy(), first)
     update(Tensor(first + 3.0), unused_sigma)  # step 2, after a forecast at step 1: slope 3 / 2 per step
-    assert int(context.valid_orders.asnumpy()) == 2
+    assert int(context.forecaster.valid_orders.asnumpy()) == 2
     np.testing.assert_allclose(forecast(unused_sigma).asnumpy(), first + 3.0 + 1.5, rtol=1e-6)
 
 
@@ -365,7 +365,7 @@ def generate_with(model, context: CacheContext, inputs, threshold: float, order:
     """Reconfigure in place, generate, and check the Taylor state the graph left is live."""
     context.configure(residual_diff_threshold=threshold, taylorseer_derivative=order)
     outputs, stats = generate(model, context, inputs)
-    assert int(context.valid_orders.asnumpy()) == min(stats["steps_computed"], order + 1)
+    assert int(context.forecaster.valid_orders.asnumpy()) == min(stats["steps_computed"], order + 1)
     return outputs, stats
 
 
@@ -456,7 +456,7 @@ def test_fn_bn_variants_match_plain_reference(checkpoint, inputs, fn, bn):
 
 # ----- validation errors -----
 
-@pytest.mark.parametrize("kwargs,message", [
+BAD_SETTINGS = [
     (dict(taylorseer_derivative=-1), "taylorseer_derivative"),
     (dict(taylorseer_derivative=4), "taylorseer_derivative"),
     (dict(max_cached_steps=-2), "max_cached_steps"),
@@ -467,10 +467,23 @@ def test_fn_bn_variants_match_plain_reference(checkpoint, inputs, fn, bn):
     (dict(fn_compute_blocks=0), "fn_compute_blocks"),
     (dict(forecast_space="time"), "forecast_space"),
     (dict(verify_forecast=1), "verify_forecast"),
-])
+    # The device counters are int32: 2**32 would wrap to 0, 2**32 + 5 to 5.
+    (dict(warmup_steps=2 ** 32), r"warmup_steps: expected an int in \[0, 2147483647\], got 4294967296"),
+    (dict(max_cached_steps=2 ** 32 + 5), r"max_cached_steps: expected -1 \(no limit\) or an int in \[0, 2147483647\]"),
+    (dict(skip_probe_steps=2 ** 31), "skip_probe_steps: expected an int in"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_SETTINGS)
 def test_context_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CacheContext(BATCH, TOKENS, INNER, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [case for case in BAD_SETTINGS if case[1] != "text_seq_len"])
+def test_config_rejects_the_same_settings_before_any_model_is_loaded(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FBCacheConfig(**kwargs)
 
 
 def test_configure_rejects_bad_order_and_keeps_old_value():
@@ -483,7 +496,7 @@ def test_configure_rejects_bad_order_and_keeps_old_value():
 def test_enable_rejects_more_always_computed_blocks_than_the_model_has(checkpoint):
     model = FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer")
     context = CacheContext(BATCH, TOKENS, INNER, fn_compute_blocks=3, bn_compute_blocks=2, text_seq_len=TEXT)
-    with pytest.raises(ValueError, match=f"<= {NUM_BLOCKS} blocks, got 3 \\+ 2"):
+    with pytest.raises(ValueError, match=f"must be < {NUM_BLOCKS} .*got 3 \\+ 2"):
         enable_fbcache(model, context)
 
 

@@ -1,6 +1,9 @@
 """FluxPipeline against diffusers' torch FluxPipeline on the project's own small pipeline checkpoint."""
 
+import re
 import shutil
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -8,10 +11,11 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import mindspore as ms
+from mindspore import ops
 
 from models.demo_checkpoint import write_pipeline_checkpoint
 from models.loading import CheckpointError
-from pipeline_flux import FBCacheConfig, FluxPipeline, pack_latents
+from pipeline_flux import FBCacheConfig, FluxPipeline, NonFiniteError, pack_latents
 from torch_reference import relative_max_error
 
 HEIGHT, WIDTH = 128, 96
@@ -177,6 +181,12 @@ def test_seeded_noise_is_reproducible_and_pil_output(ours):
     (dict(negative_prompt=["a", "b"], true_cfg_scale=2.0), "negative_prompt has 2 entries but prompt has 1"),
     (dict(prompt_2=["a", "b"]), "prompt_2 has 2 entries but prompt has 1"),
     (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
+    # Would have been silently ignored, or given an all-black image: refused.
+    (dict(true_cfg_scale=2.0), "true_cfg_scale=2 needs a negative_prompt"),
+    (dict(negative_prompt="blurry"), "negative_prompt is used only with true CFG"),
+    (dict(negative_prompt="blurry", true_cfg_scale=float("inf")), "true_cfg_scale must be a finite number"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(seed=-1), r"seed must lie in \[0, 2\*\*64 - 1\]"),
     (dict(max_sequence_length=513), "max_sequence_length"),
     (dict(output_type="jpeg"), "output_type"),
     (dict(latents=np.zeros((1, 5, 64), np.float32)), "latents must be packed with shape"),
@@ -233,3 +243,56 @@ def test_text_encoder_weights_are_checked_strictly(folder, tmp_path, subfolder, 
     save_file(tensors, weights)
     with pytest.raises(CheckpointError, match=f"lacks 1 weight.*{weight}"):
         FluxPipeline.from_pretrained(str(broken))
+
+
+@contextmanager
+def poisoned(parameter):
+    """One NaN in a weight for the duration of the block (the shared pipeline is restored after)."""
+    saved = parameter.asnumpy().copy()
+    poisoned_value = saved.copy()
+    poisoned_value.flat[0] = np.nan
+    parameter.set_data(ms.Tensor(poisoned_value))
+    try:
+        yield
+    finally:
+        parameter.set_data(ms.Tensor(saved))
+
+
+def test_nan_weights_stop_the_run_instead_of_writing_a_black_image(ours):
+    latents = initial_latents(ours)
+    with poisoned(ours.transformer.proj_out.bias):
+        with pytest.raises(NonFiniteError, match="latents became NaN or infinite at step 0 of 4"):
+            run_ours(ours, latents)
+    with poisoned(ours.vae.decoder.conv_out.bias):
+        with pytest.raises(NonFiniteError, match="VAE decoded NaN or infinite pixels"):
+            run_ours(ours, latents)
+    assert np.isfinite(np.stack(run_ours(ours, latents).images)).all()
+
+
+def test_the_first_non_finite_step_is_reported(ours):
+    """Recorded on the device at each step, read once at the end: a forward that breaks at step 2."""
+    latents = ms.Tensor(initial_latents(ours))
+    timesteps = ours.prepare_timesteps(latents.shape[1], 5)
+    calls = []
+
+    def breaks_at_step_2(latents, *inputs):
+        calls.append(len(calls))
+        return (ops.ones_like(latents) * (np.nan if len(calls) > 2 else 0.1),)
+
+    text = ms.Tensor(np.zeros((1, 4, 64), np.float32)), ms.Tensor(np.zeros((1, 32), np.float32)), None
+    with pytest.raises(NonFiniteError, match="at step 2 of 5"):
+        ours.denoise(latents, timesteps, {"cond": text}, {"cond": breaks_at_step_2}, None, None, 1.0, None, False)
+    assert calls == [0, 1, 2, 3, 4]
+
+
+def test_prompts_longer_than_the_encoders_read_are_not_cut_silently(ours):
+    long_prompt = " ".join(["a small red fox in the snow"] * 12)
+    with pytest.warns(UserWarning) as warned:
+        ours.encode_prompt([long_prompt], [long_prompt], max_sequence_length=TEXT_TOKENS)
+    messages = [str(warning.message) for warning in warned]
+    assert any(re.search(r"prompt 0 has \d+ CLIP tokens; the CLIP encoder reads the first 77", m) for m in messages)
+    assert any(re.search(rf"prompt 0 has \d+ T5 tokens; the T5 encoder reads the first {TEXT_TOKENS}.*raise "
+                         r"max_sequence_length", m) for m in messages), messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.encode_prompt([PROMPT], [PROMPT], max_sequence_length=TEXT_TOKENS)
