@@ -214,8 +214,9 @@ def load_pipeline(args: argparse.Namespace):
         import mindspore as ms
         from models.embedded import embedded_checkpoint
         from pipeline_flux import DTYPES, FluxPipeline
-    ms.set_context(mode=ms.GRAPH_MODE if args.use_graph_mode else ms.PYNATIVE_MODE)
-    ms.set_device(args.device_target)
+    # set_context, not set_device: set_device refuses a process whose runtime already ran a kernel
+    # (a caller of main(), such as the tests).
+    ms.set_context(mode=ms.GRAPH_MODE if args.use_graph_mode else ms.PYNATIVE_MODE, device_target=args.device_target)
     folder = args.ckpt or embedded_checkpoint(args.demo_config)
     if not args.ckpt and args.demo_config == TRAINED:
         print(f"Using the shipped emoji-world Flux {folder} (trained here; not FLUX.1, give --ckpt for FLUX).",
