@@ -15,13 +15,14 @@ import warnings
 from typing import Iterator, Sequence
 
 from cache_config import FBCacheConfig, INT32_MAX, MAX_TAYLOR_ORDER
+from eval.device_check import TARGETS as DEVICE_TARGETS  # noqa: F401 (re-exported: the scripts' choices)
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
-DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 # T5 tokens FLUX.1 reads at most (pipeline_flux.MAX_SEQUENCE_LENGTH; a test keeps the two equal).
 MAX_SEQUENCE_LENGTH = 512
 # Height and width: 8x VAE downsampling, then 2x2 packing of latent patches into tokens.
 SIZE_MULTIPLE = 16
+QUIET_LIBRARIES = ("mindone", "mindspore", "transformers")
 # numpy's default_rng takes any non-negative int; the CLI keeps seeds in uint64 so they print and store.
 MAX_SEED = 2 ** 64 - 1
 
@@ -88,29 +89,23 @@ def check_count(parser: argparse.ArgumentParser, flag: str, value: int, minimum:
         parser.error(f"{flag} must lie in [{minimum}, {INT32_MAX}], got {value}")
 
 
-def quiet_libraries(verbose: bool) -> None:
-    """Silence MindSpore's C++ [WARNING] lines, transformers' notices and deprecation warnings of the
-    libraries (65 of the 79 lines a default run printed). Must run before MindSpore is imported: its
-    log level is read from GLOG_v once, at import. `verbose` keeps everything."""
+@contextlib.contextmanager
+def quiet_imports(verbose: bool) -> Iterator[None]:
+    """Import MindSpore, mindone and transformers inside this block to silence their chatter (65 of the 79
+    lines a default run printed): MindSpore's C++ [WARNING] lines (GLOG_v, read once at its import),
+    transformers' and mindone's notices (mindone sets its logger to WARNING at import, so the levels are
+    set after the block), their deprecation warnings, and the "Config not found for parakeet" lines that
+    transformers' auto_docstring `print`s while mindone imports it (stdout is captured, and replayed if the
+    imports fail). `verbose` keeps everything."""
     if verbose:
+        yield
         return
     os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for module in ("mindone", "mindspore", "transformers"):
+    for module in QUIET_LIBRARIES:
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-        logging.getLogger(module).setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def quiet_stdout(verbose: bool) -> Iterator[None]:
-    """transformers 4.57's auto_docstring `print`s "Config not found for parakeet" three times when
-    mindone imports it; no logger controls that, so the import runs with stdout captured (replayed on
-    an exception)."""
-    if verbose:
-        yield
-        return
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
@@ -118,3 +113,5 @@ def quiet_stdout(verbose: bool) -> Iterator[None]:
     except BaseException:
         print(captured.getvalue(), end="")
         raise
+    for module in QUIET_LIBRARIES:
+        logging.getLogger(module).setLevel(logging.ERROR)

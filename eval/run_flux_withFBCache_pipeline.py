@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from cache_config import check_block_split  # noqa: E402
 from eval.cli_common import (DEVICE_TARGETS, DTYPE_NAMES, MAX_SEQUENCE_LENGTH, add_cache_arguments,  # noqa: E402
                              cache_config_from_args, check_count, check_dtype_device, check_image_size, check_seed,
-                             quiet_libraries, quiet_stdout)
+                             quiet_imports)
+from eval.device_check import check_device_target  # noqa: E402
 from models.demo_configs import TRANSFORMER_CONFIGS  # noqa: E402
 from models.embedded import EMBEDDED, SHIPPED_PIPELINE, TRAINED, generation_defaults  # noqa: E402
 
@@ -207,10 +208,8 @@ def generate(pipeline, args: argparse.Namespace, cache, label: str, steps: int):
 
 def load_pipeline(args: argparse.Namespace):
     """Import MindSpore (quietly unless --verbose), set the device, and load the pipeline."""
-    from eval.device_check import check_device_target
-    check_device_target(args.device_target)
-    quiet_libraries(args.verbose)
-    with quiet_stdout(args.verbose):
+    with quiet_imports(args.verbose):
+        check_device_target(args.device_target)
         import mindspore as ms
         from models.embedded import embedded_checkpoint
         from pipeline_flux import DTYPES, FluxPipeline

@@ -178,3 +178,12 @@ def test_the_light_argument_constants_match_the_pipeline():
 
     assert cli_common.MAX_SEQUENCE_LENGTH == pipeline_flux.MAX_SEQUENCE_LENGTH
     assert sorted(cli_common.DTYPE_NAMES) == sorted(pipeline_flux.DTYPES)
+
+
+def test_a_device_target_this_build_lacks_is_refused_plainly(tmp_path):
+    """This machine's MindSpore wheel is CPU-only: GPU would end in a C++ stack at the first kernel."""
+    result = run_cli("--device_target", "GPU", "--save_path", tmp_path, *FAST, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: device_target GPU is not available with this MindSpore build on this machine (usable: CPU)" \
+        in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.glob("*.png"))
