@@ -9,18 +9,16 @@ in well under a second, with the file, the values and the fix in the message.
 """
 
 import inspect
-import json
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple, Union
 
 from tokenizers import Tokenizer
 
-from .loading import CheckpointError, model_folder, read_config
+from .loading import RESTORE, CheckpointError, model_folder, read_config, read_json_object
 from .transformer_flux import REQUIRED_CONFIG_KEYS as TRANSFORMER_KEYS
 from .transformer_flux import FluxTransformer2DModel
 from .vae import REQUIRED_CONFIG_KEYS as VAE_KEYS
 
-RESTORE = "copy it again from the checkpoint it came from"
 # Every setting that decides a text encoder's weight shapes: a missing one would silently take
 # transformers' default (T5-small's d_model=512, ...) and then fail as dozens of mis-shaped weights.
 CLIP_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -34,19 +32,6 @@ SCHEDULER_NUMBERS = ("num_train_timesteps", "shift", "base_shift", "max_shift", 
                      "max_image_seq_len")
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object: missing, unparsable (truncated) or other JSON is refused."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the pipeline folder is incomplete; {RESTORE}")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}): it is damaged or truncated; {RESTORE}") from error
-    if not isinstance(content, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(content).__name__}, not an object; {RESTORE}")
-    return content
-
-
 def positive_int(config: dict, key: str, path: Path) -> int:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -56,10 +41,9 @@ def positive_int(config: dict, key: str, path: Path) -> int:
 
 def read_model_config(root: Path, component: str, class_name: str, required_keys: Tuple[str, ...],
                       widths: Tuple[str, ...]) -> dict:
-    """`component/config.json` as loading.read_config reads it (it assumes a JSON object, hence the first
-    read), with each of `widths` that it sets checked to be a positive integer."""
+    """`component/config.json` as loading.read_config reads it, with each of `widths` that it sets checked
+    to be a positive integer."""
     path = model_folder(str(root), component) / "config.json"
-    read_json_object(path)
     config = read_config(path.parent, class_name, required_keys)
     for key in widths:
         if key in config:

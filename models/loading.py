@@ -18,6 +18,7 @@ from mindone.safetensors.mindspore import load_file
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 SUPPORTED_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 MAX_LISTED_KEYS = 10
+RESTORE = "copy it again from the checkpoint it came from"
 
 ModelT = TypeVar("ModelT")
 StoredTensors = Dict[str, Tuple[Tuple[int, ...], Path]]
@@ -37,14 +38,22 @@ def model_folder(path: str, subfolder: Optional[str]) -> Path:
     return folder
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object: missing, unparsable (truncated) or other JSON is refused."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the pipeline folder is incomplete; {RESTORE}")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}): it is damaged or truncated; {RESTORE}") from error
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(content).__name__}, not an object; {RESTORE}")
+    return content
+
+
 def read_config(folder: Path, class_name: str, required_keys: Tuple[str, ...]) -> dict:
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing: a diffusers model folder needs its config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
+    config = read_json_object(config_path)
     found_class = config.get("_class_name", class_name)
     if found_class != class_name:
         raise CheckpointError(f"{config_path} describes a {found_class}, not a {class_name}")
