@@ -139,6 +139,22 @@ def load_text_encoder(cls, folder: Path, dtype: ms.Type):
     return cls.from_pretrained(str(folder), config=config, dtype=dtype)
 
 
+class GraphTextEncoder(nn.Cell):
+    """A text encoder whose forward always runs as a compiled graph, also in PyNative mode. mindone's T5
+    and CLIP use `mint` ops (Embedding, Arange) that MindSpore's CPU backend provides only inside a graph:
+    in PyNative mode every T5 forward failed with "The kernel Embedding unregistered", so
+    `--no-use_graph_mode` always crashed on CPU. The text encoders run once per prompt; only the
+    transformer and VAE need to be inspectable step by step."""
+
+    def __init__(self, encoder: nn.Cell):
+        super().__init__()
+        self.encoder = encoder
+
+    @ms.jit
+    def construct(self, ids: ms.Tensor) -> tuple:
+        return self.encoder(ids, return_dict=False)
+
+
 class MindoneVAEDecoder(nn.Cell):
     """mindone's AutoencoderKL behind the portable decoder's interface: calling it decodes latents."""
 
@@ -165,6 +181,7 @@ class FluxPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.tokenizer_max_length = tokenizer.model_max_length
         self._cached_transformers: Dict[tuple, FBCachedTransformer] = {}
+        self._graph_text_encoders = (GraphTextEncoder(text_encoder), GraphTextEncoder(text_encoder_2))
 
     @classmethod
     def from_pretrained(cls, path: str, mindspore_dtype: ms.Type = ms.float32,
@@ -219,10 +236,17 @@ class FluxPipeline:
                        f"raise max_sequence_length (at most {MAX_SEQUENCE_LENGTH}) to keep the rest")
         clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer_max_length,
                                   truncation=True, return_tensors="np").input_ids
-        pooled = self.text_encoder(ms.Tensor(clip_ids), return_dict=False)[1]
+        pooled = self.run_text_encoder(0, clip_ids)[1]
         t5_ids = self.tokenizer_2(prompts_2, padding="max_length", max_length=max_sequence_length,
                                   truncation=True, return_tensors="np").input_ids
-        return self.text_encoder_2(ms.Tensor(t5_ids), return_dict=False)[0], pooled
+        return self.run_text_encoder(1, t5_ids)[0], pooled
+
+    def run_text_encoder(self, index: int, ids: np.ndarray) -> tuple:
+        """The outputs of CLIP (index 0) or T5 (1) for token ids: called directly in graph mode (each compiles
+        once), through `GraphTextEncoder` in PyNative mode."""
+        if ms.get_context("mode") == ms.GRAPH_MODE:
+            return (self.text_encoder, self.text_encoder_2)[index](ms.Tensor(ids), return_dict=False)
+        return self._graph_text_encoders[index](ms.Tensor(ids))
 
     def text_conditioning(self, prompt_embeds: ms.Tensor, pooled: ms.Tensor,
                           num_images_per_prompt: int) -> Tuple[ms.Tensor, ms.Tensor, ms.Tensor]:

@@ -51,6 +51,13 @@ def test_random_demo_checkpoint_is_still_selectable(tmp_path):
     assert "RANDOM weights, not FLUX.1" in result.stdout and (tmp_path / "fbcache_0.png").is_file()
 
 
+def test_pynative_mode_runs_on_cpu(tmp_path):
+    """--no-use_graph_mode crashed on CPU in mindone's T5 ("The kernel Embedding unregistered")."""
+    result = run_cli("--demo_config", "demo", "--no-use_graph_mode", "--save_path", tmp_path, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "fbcache_0.png").is_file()
+
+
 def test_baseline_comparison_true_cfg_and_every_cache_flag(folder, tmp_path):
     result = run_cli("--ckpt", folder, "--save_path", tmp_path, *FAST, "--compare_baseline", "--prompt", "a fox",
                      "a dog", "--negative_prompt", "blurry", "--true_cfg_scale", "2", "--residual_diff_threshold",
