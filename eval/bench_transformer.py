@@ -3,19 +3,28 @@
 With no arguments it runs on the embedded demo checkpoint (a small random-weight model it creates on
 first use). `--config mid` uses a larger random-weight configuration (3 double + 6 single blocks,
 hidden 1024) and `--ckpt` any diffusers-format FLUX folder. Prints a Markdown table; `--json` saves it.
+
+The backends are timed round by round (one forward of each per round, the order rotating), so drift of
+a shared machine reaches all of them alike. Each median is also given as a fraction of the machine's
+matmul peak: the forward's matmul FLOPs per second over the best rate of a large fp32 matmul measured
+at the start in the frameworks under test.
 """
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import mindspore as ms  # noqa: E402
 
-from eval.bench_common import flux_inputs, time_calls, to_mindspore  # noqa: E402
+from eval.bench_common import flux_inputs, timed, to_mindspore  # noqa: E402
 from eval.cli_common import DEVICE_TARGETS, DTYPE_NAMES, check_dtype_device, check_image_size  # noqa: E402
 from models.demo_configs import TRANSFORMER_CONFIGS  # noqa: E402
 from models.embedded import embedded_checkpoint  # noqa: E402
@@ -38,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["graph", "pynative"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed forward passes after the first call")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the first call of each backend")
     parser.add_argument("--torch", action="store_true", help="also time diffusers' torch model (eager, CPU)")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     parser.add_argument("--device_target", default="CPU", choices=DEVICE_TARGETS)
@@ -52,17 +61,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def time_mindspore(folder: Path, inputs: dict, args: argparse.Namespace, mode: str) -> dict:
+def forward_flops(config: dict, image_tokens: int, text_tokens: int, batch: int) -> float:
+    """Matmul FLOPs of one forward: every block costs 24 L d^2 (projections and MLP) + 4 L^2 d (QK^T and
+    AV) for L joint tokens and hidden size d (tests/test_cache_peers_table.py checks this against
+    diffusers' layers), plus the input embedders and the output projection. The per-image modulation
+    vectors (under 0.1% at mid) are left out."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    joint = image_tokens + text_tokens
+    block = 24 * joint * dim * dim + 4 * joint * joint * dim
+    out_channels = config.get("out_channels") or config["in_channels"]
+    edges = 2 * dim * (image_tokens * (config["in_channels"] + out_channels) + text_tokens * config["joint_attention_dim"])
+    return batch * ((config["num_layers"] + config["num_single_layers"]) * block + edges)
+
+
+def matmul_peak(use_torch: bool, size: int = 2048, repeats: int = 5) -> Dict[str, float]:
+    """Best FLOP/s of a (size x size) fp32 matmul in MindSpore (and torch), each the fastest of `repeats`."""
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    flops = 2.0 * size ** 3
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    x = ms.Tensor(a)
+    ms.ops.matmul(x, x).asnumpy()
+    rates = {"mindspore": flops / min(timed(lambda: ms.ops.matmul(x, x).asnumpy()) for _ in range(repeats))}
+    if use_torch:
+        import torch
+
+        t = torch.from_numpy(a)
+        torch.matmul(t, t)
+        rates["torch"] = flops / min(timed(lambda: torch.matmul(t, t)) for _ in range(repeats))
+    return rates
+
+
+def mindspore_call(folder: Path, inputs: dict, args: argparse.Namespace, mode: str):
+    """A forward in `mode` that blocks until the output is on the host, and its model (for the compile count)."""
     ms.set_context(mode=MODES[mode])
     model = FluxTransformer2DModel.from_pretrained(str(folder), subfolder="transformer",
                                                    mindspore_dtype=DTYPES[args.dtype])
     tensors = to_mindspore(inputs)
-    result = time_calls(lambda: model(**tensors)[0].asnumpy(), args.repeats, f"mindspore {mode}")
-    result["compiles"] = len(model.compile_cache) if mode == "graph" else 0
-    return result
+
+    def call():
+        ms.set_context(mode=MODES[mode])
+        model(**tensors)[0].asnumpy()
+
+    return call, model
 
 
-def time_torch(folder: Path, inputs: dict, args: argparse.Namespace) -> dict:
+def torch_call(folder: Path, inputs: dict, args: argparse.Namespace) -> Callable[[], None]:
     try:
         import torch
         from diffusers import FluxTransformer2DModel as TorchFluxTransformer
@@ -78,19 +121,40 @@ def time_torch(folder: Path, inputs: dict, args: argparse.Namespace) -> dict:
         with torch.no_grad():
             model(**tensors, return_dict=False)
 
-    result = time_calls(call, args.repeats, "torch eager")
-    result["compiles"] = 0
-    return result
+    return call
 
 
-def print_table(rows: dict, header: str) -> None:
+def time_interleaved(calls: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, dict]:
+    """First call of each backend (compile + run), then `repeats` rounds of one call each, the order
+    rotating by one every round; per backend the first call, the median and the range."""
+    names = list(calls)
+    first = {}
+    for name in names:
+        first[name] = timed(calls[name])
+        print(f"  {name}: first call (compile + run) {first[name]:.2f} s", flush=True)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed(calls[name]))
+        print(f"  round {round_index + 1}/{repeats}: "
+              + ", ".join(f"{name} {times[name][-1]:.3f} s" for name in names), flush=True)
+    return {name: {"first_call_s": first[name], "median_s": statistics.median(times[name]),
+                   "min_s": min(times[name]), "max_s": max(times[name]), "times_s": times[name]} for name in names}
+
+
+def print_table(rows: dict, header: str, peak: float) -> None:
     print(f"\n{header}\n")
-    print("| backend | first call (s) | median forward (s) | graph compiles | speedup vs mindspore pynative |")
-    print("|---|---|---|---|---|")
+    torch_median = rows.get("diffusers torch eager", {}).get("median_s")
+    print("| backend | first call (s) | median forward (s) | range (s) | fraction of matmul peak | graph compiles "
+          "| speedup vs mindspore pynative | time vs torch |")
+    print("|---|---|---|---|---|---|---|---|")
     baseline = rows.get("mindspore pynative", {}).get("median_s")
     for name, row in rows.items():
         speedup = f"{baseline / row['median_s']:.2f}x" if baseline else "-"
-        print(f"| {name} | {row['first_call_s']:.2f} | {row['median_s']:.3f} | {row['compiles']} | {speedup} |")
+        versus_torch = f"{row['median_s'] / torch_median:.2f}" if torch_median else "-"
+        print(f"| {name} | {row['first_call_s']:.2f} | {row['median_s']:.3f} | {row['min_s']:.3f}-{row['max_s']:.3f} "
+              f"| {row['gflops'] * 1e9 / peak:.2f} | {row['compiles']} | {speedup} | {versus_torch} |")
 
 
 def main(argv=None) -> None:
@@ -106,15 +170,26 @@ def main(argv=None) -> None:
     header = (f"{folder}: {config['num_layers']} double + {config['num_single_layers']} single blocks, hidden "
               f"{config['num_attention_heads'] * config['attention_head_dim']}, batch {args.batch_size}, "
               f"{tokens} image + {args.text_tokens} text tokens, {args.dtype}, {args.device_target}")
+    peaks = matmul_peak(args.torch)
+    peak = max(peaks.values())
+    flops = forward_flops(config, tokens, args.text_tokens, args.batch_size)
+    header += (f"; {flops / 1e9:.1f} GFLOP of matmuls per forward; matmul peak "
+               + ", ".join(f"{name} {rate / 1e9:.0f}" for name, rate in peaks.items()) + " GFLOP/s (2048^3 fp32)")
     print(header, flush=True)
-    rows = {}
+    calls, models = {}, {}
     for mode in args.modes:
-        rows[f"mindspore {mode}"] = time_mindspore(folder, inputs, args, mode)
+        calls[f"mindspore {mode}"], models[mode] = mindspore_call(folder, inputs, args, mode)
     if args.torch:
-        rows["diffusers torch eager"] = time_torch(folder, inputs, args)
-    print_table(rows, header)
+        calls["diffusers torch eager"] = torch_call(folder, inputs, args)
+    rows = time_interleaved(calls, args.repeats)
+    for name, row in rows.items():
+        row["compiles"] = len(models["graph"].compile_cache) if name == "mindspore graph" else 0
+        row["gflops"] = flops / row["median_s"] / 1e9
+    print_table(rows, header, peak)
     if args.json:
-        args.json.write_text(json.dumps({"setup": header, "results": rows}, indent=2))
+        result = {"setup": header, "forward_gflop": flops / 1e9, "matmul_peak_gflops": {
+            name: rate / 1e9 for name, rate in peaks.items()}, "results": rows}
+        args.json.write_text(json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
 
 
