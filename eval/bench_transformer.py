@@ -5,9 +5,12 @@ first use). `--config mid` uses a larger random-weight configuration (3 double +
 hidden 1024) and `--ckpt` any diffusers-format FLUX folder. Prints a Markdown table; `--json` saves it.
 
 The backends are timed round by round (one forward of each per round, the order rotating), so drift of
-a shared machine reaches all of them alike. Each median is also given as a fraction of the machine's
-matmul peak: the forward's matmul FLOPs per second over the best rate of a large fp32 matmul measured
-at the start in the frameworks under test.
+a shared machine reaches all of them alike, after `--warmup` untimed rounds: MindSpore's CPU kernels
+choose their thread blocking by timing their first launches (`ParallelLaunchAutoSearch`), the first 5
+of them single-threaded, so a process's first forwards run slower (mid, 2 cores: about 3.1 s, then 2.15 s,
+before this branch's op changes). Each median is also given as a fraction of the machine's matmul
+peak: the forward's matmul FLOPs per second over the best rate of large fp32 matmuls measured at the
+start in the frameworks under test.
 """
 
 import argparse
@@ -49,14 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["graph", "pynative"])
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the first call of each backend")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed rounds after the first call of each backend (default 5)")
     parser.add_argument("--torch", action="store_true", help="also time diffusers' torch model (eager, CPU)")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     parser.add_argument("--device_target", default="CPU", choices=DEVICE_TARGETS)
     args = parser.parse_args(argv)
     size = args.image_size or DEFAULT_IMAGE_SIZE.get(args.config, (256, 256))
     check_image_size(parser, size)
-    if args.repeats < 1 or args.text_tokens < 1 or args.batch_size < 1:
-        parser.error("--repeats, --text_tokens and --batch_size must be at least 1")
+    if args.repeats < 1 or args.text_tokens < 1 or args.batch_size < 1 or args.warmup < 0:
+        parser.error("--repeats, --text_tokens and --batch_size must be at least 1, --warmup at least 0")
     check_dtype_device(parser, args.dtype, args.device_target)
     args.image_size = size
     return args
@@ -148,14 +153,17 @@ def torch_call(folder: Path, inputs: dict, args: argparse.Namespace) -> Callable
     return call
 
 
-def time_interleaved(calls: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, dict]:
-    """First call of each backend (compile + run), then `repeats` rounds of one call each, the order
-    rotating by one every round; per backend the first call, the median and the range."""
+def time_interleaved(calls: Dict[str, Callable[[], None]], repeats: int, warmup: int) -> Dict[str, dict]:
+    """First call of each backend (compile + run), `warmup` untimed rounds, then `repeats` rounds of one
+    call each, the order rotating by one every round; per backend the first call, the median and the range."""
     names = list(calls)
     first = {}
     for name in names:
         first[name] = timed(calls[name])
         print(f"  {name}: first call (compile + run) {first[name]:.2f} s", flush=True)
+    for round_index in range(warmup):
+        print(f"  warm-up round {round_index + 1}/{warmup}: "
+              + ", ".join(f"{name} {timed(calls[name]):.3f} s" for name in names), flush=True)
     times: Dict[str, List[float]] = {name: [] for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
@@ -193,7 +201,8 @@ def main(argv=None) -> None:
     tokens = inputs["hidden_states"].shape[1]
     header = (f"{folder}: {config['num_layers']} double + {config['num_single_layers']} single blocks, hidden "
               f"{config['num_attention_heads'] * config['attention_head_dim']}, batch {args.batch_size}, "
-              f"{tokens} image + {args.text_tokens} text tokens, {args.dtype}, {args.device_target}")
+              f"{tokens} image + {args.text_tokens} text tokens, {args.dtype}, {args.device_target}, "
+              f"{args.warmup} warm-up + {args.repeats} timed rounds")
     peaks = matmul_peak(args.torch)
     peak = max(peaks.values())
     flops = forward_flops(config, tokens, args.text_tokens, args.batch_size)
@@ -205,7 +214,7 @@ def main(argv=None) -> None:
         calls[f"mindspore {mode}"], models[mode] = mindspore_call(folder, inputs, args, mode)
     if args.torch:
         calls["diffusers torch eager"] = torch_call(folder, inputs, args)
-    rows = time_interleaved(calls, args.repeats)
+    rows = time_interleaved(calls, args.repeats, args.warmup)
     for name, row in rows.items():
         row["compiles"] = len(models["graph"].compile_cache) if name == "mindspore graph" else 0
         row["gflops"] = flops / row["median_s"] / 1e9
