@@ -10,9 +10,10 @@ choose their thread blocking by timing their first launches (`ParallelLaunchAuto
 of them single-threaded, so a process's first forwards run slower (mid, 2 cores: about 3.1 s, then 2.15 s,
 before this branch's op changes). Each median is also given as a fraction of the machine's matmul
 peak: the forward's matmul FLOPs per second over the best rate of large fp32 matmuls measured before
-and after the rounds in the frameworks under test. The header gives the load average: on a shared
-machine, torch eager loses more to another job than MindSpore graph does, so a loaded run flatters
-MindSpore.
+and after the rounds in the frameworks under test. The header gives the 1-minute load average before
+the run (other jobs) and after it (about 2 of it the benchmark's own threads): on a shared machine,
+torch eager loses more to another job than MindSpore graph does (mid: 1.3 -> 6.4 s against 2.1 -> 4.1 s),
+so a loaded run flatters MindSpore.
 """
 
 import argparse
