@@ -18,12 +18,14 @@ def fused_attention_available() -> bool:
 
 
 class FluxPosEmbed(nn.Cell):
-    """Multi-axis rotary embedding: returns (cos, sin), each (tokens, head_dim), fp32.
+    """Multi-axis rotary embedding: returns (cos, signed_sin), each (tokens, head_dim), fp32.
 
     Each axis of the position ids owns a slice of the head dimension. All axes are handled by one
     product `ids @ frequency_matrix`, where row `a` of the matrix holds axis `a`'s frequencies (each
     repeated twice, matching the interleaved real/imaginary pairs) in that axis's columns and zeros
     elsewhere; the zeros add nothing, so the angles equal the per-axis outer products exactly.
+    `signed_sin` is sin with the sign of the real slots flipped (-sin, +sin, ...), the form
+    `apply_rotary_emb` takes; computed once per forward, it serves every block.
     """
 
     def __init__(self, theta: int, axes_dim: Sequence[int]):
@@ -38,18 +40,34 @@ class FluxPosEmbed(nn.Cell):
             matrix[axis, start : start + dim] = np.repeat(frequencies, 2)
             start += dim
         self.frequency_matrix = Tensor(matrix.astype(np.float32))
+        self.sin_sign = Tensor(np.tile(np.array([-1.0, 1.0], np.float32), head_dim // 2))
 
     def construct(self, ids: Tensor) -> RotaryEmbedding:
         angles = ops.matmul(ids.astype(ms.float32), self.frequency_matrix)
-        return ops.cos(angles), ops.sin(angles)
+        return ops.cos(angles), ops.sin(angles) * self.sin_sign
 
 
-def apply_rotary_emb(x: Tensor, rotary_emb: RotaryEmbedding) -> Tensor:
-    """Rotate interleaved (real, imaginary) pairs of `x` (batch, heads, tokens, head_dim), in fp32."""
-    cos, sin = rotary_emb
-    pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
-    rotated = ops.cat([-pairs[..., 1:2], pairs[..., 0:1]], -1).reshape(x.shape)
-    return (x.astype(ms.float32) * cos + rotated.astype(ms.float32) * sin).astype(x.dtype)
+def rotary_partners(head_dim: int) -> Tensor:
+    """Index of each channel's pair partner (1, 0, 3, 2, ...), the gather `apply_rotary_emb` takes."""
+    return Tensor(np.arange(head_dim).reshape(-1, 2)[:, ::-1].reshape(-1).astype(np.int32))
+
+
+def apply_rotary_emb(x: Tensor, rotary_emb: RotaryEmbedding, partners: Tensor) -> Tensor:
+    """Rotate interleaved (real, imaginary) pairs of `x` (batch, heads, tokens, head_dim), in fp32:
+    real' = real cos - imag sin, imag' = imag cos + real sin, i.e. `x cos + x[partners] signed_sin`.
+
+    The same products and sums as the complex rotation, so bit for bit the previous slice-negate-concat
+    form, without its concat (4.6% of a `mid` forward on CPU; the gather saved 0.04-0.13 s).
+    """
+    cos, signed_sin = rotary_emb
+    x32 = x.astype(ms.float32)
+    return (x32 * cos + ops.gather(x32, partners, -1) * signed_sin).astype(x.dtype)
+
+
+# Attention products on the 4-D (batch, heads, tokens, head_dim) tensors; transpose_b saves the
+# materialised key transpose (measured -0.06 s per `mid` forward on CPU).
+_SCORES = ops.BatchMatMul(transpose_b=True)
+_WEIGHTED_SUM = ops.BatchMatMul()
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, use_fused: bool) -> Tensor:
@@ -63,9 +81,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, use_
         return ops.flash_attention_score(
             query, key, value, query.shape[1], scalar_value=scale, input_layout="BNSD"
         )
-    scores = ops.matmul(query * scale, key.swapaxes(-1, -2))
+    scores = _SCORES(query * scale, key)
     probabilities = ops.softmax(scores.astype(ms.float32), -1).astype(value.dtype)
-    return ops.matmul(probabilities, value)
+    return _WEIGHTED_SUM(probabilities, value)
 
 
 class FluxAttention(nn.Cell):
@@ -82,6 +100,7 @@ class FluxAttention(nn.Cell):
         inner_dim = heads * head_dim
         self.heads = heads
         self.use_fused_attention = fused_attention_available()
+        self.rotary_partners = rotary_partners(head_dim)
         self.norm_q = RMSNorm(head_dim, eps)
         self.norm_k = RMSNorm(head_dim, eps)
         self.to_q = nn.Dense(dim, inner_dim)
@@ -112,8 +131,8 @@ class FluxAttention(nn.Cell):
             key = ops.cat([self.norm_added_k(self._heads(self.add_k_proj(encoder_hidden_states))), key], 2)
             value = ops.cat([self._heads(self.add_v_proj(encoder_hidden_states)), value], 2)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb)
-            key = apply_rotary_emb(key, image_rotary_emb)
+            query = apply_rotary_emb(query, image_rotary_emb, self.rotary_partners)
+            key = apply_rotary_emb(key, image_rotary_emb, self.rotary_partners)
         out = scaled_dot_product_attention(query, key, value, self.use_fused_attention)
         out = out.swapaxes(1, 2).reshape(out.shape[0], out.shape[2], -1)
         if not self.joint:

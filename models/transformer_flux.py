@@ -20,6 +20,8 @@ from .layers import (
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
     LayerNormNoAffine,
+    gelu_tanh,
+    native_gelu_preferred,
 )
 from .loading import load_pretrained
 
@@ -89,6 +91,7 @@ class FluxSingleTransformerBlock(nn.Cell):
         self.proj_mlp = nn.Dense(dim, mlp_hidden_dim)
         self.proj_out = nn.Dense(dim + mlp_hidden_dim, dim)
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, pre_only=True)
+        self.native_gelu = native_gelu_preferred()
 
     def construct(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
                   image_rotary_emb: Optional[RotaryEmbedding] = None,
@@ -97,7 +100,7 @@ class FluxSingleTransformerBlock(nn.Cell):
         text_tokens = encoder_hidden_states.shape[1]
         residual = ops.cat([encoder_hidden_states, hidden_states], 1)
         norm_hidden, gate = self.norm(residual, temb)
-        mlp_hidden = ops.gelu(self.proj_mlp(norm_hidden), approximate="tanh")
+        mlp_hidden = gelu_tanh(self.proj_mlp(norm_hidden), self.native_gelu)
         attn_output = self.attn(norm_hidden, image_rotary_emb=image_rotary_emb)
         joint = residual + gate[:, None] * self.proj_out(ops.cat([attn_output, mlp_hidden], 2))
         joint = clip_fp16(joint)
