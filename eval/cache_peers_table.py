@@ -95,13 +95,21 @@ def sweep() -> List[Setting]:
              for space, thresholds in (("step", (0.04, 0.06, 0.08)), ("sigma", (0.04, 0.06))) for t in thresholds]
     ours += [(f"ours_skip{skips}", t, dict(skip_probe_steps=skips, warmup_steps=3, **synced))
              for skips, t in ((1, 0.08), (1, 0.12), (2, 0.12), (2, 0.16), (3, 0.16), (3, 0.24))]
-    ours += [("ours_verify_skip1", 0.04, dict(taylorseer_derivative=1, verify_forecast=True, skip_probe_steps=1,
-                                             **synced))]
+    ours += [(f"ours_verify_skip{skips}", t, dict(taylorseer_derivative=order, verify_forecast=True,
+                                                  skip_probe_steps=skips, **synced))
+             for skips, order, t in ((1, 1, 0.04), (1, 1, 0.08), (1, 1, 0.12), (2, 1, 0.04), (2, 1, 0.08),
+                                     (2, 1, 0.12), (2, 2, 0.08), (3, 1, 0.08), (3, 1, 0.16), (5, 1, 0.16))]
     settings += [Setting(ours_name(prefix, t, params), "ours", dict(residual_diff_threshold=t, **params))
                  for prefix, t, params in ours]
     settings += [Setting(threshold_name("ours_F2B1", t, "_o1"), "ours",
                          dict(residual_diff_threshold=t, taylorseer_derivative=1, fn_compute_blocks=2,
                               bn_compute_blocks=1)) for t in (0.12,)]
+    # A fixed schedule (every `interval`-th step computed, the probe run on the step after): TaylorSeer's
+    # schedule with our forecast, to tell the forecast's quality apart from the gate's choices.
+    settings += [Setting(f"ours_fixed{interval}_o{order}_w3_sync", "ours",
+                         dict(residual_diff_threshold=100.0, taylorseer_derivative=order, warmup_steps=3,
+                              skip_probe_steps=interval - 2, max_continuous_cached_steps=interval - 1, **synced))
+                 for interval, order in ((3, 0), (3, 1), (3, 2))]
     settings.append(Setting("ours_0.32_o1_w4_mc2", "ours", dict(residual_diff_threshold=0.32, taylorseer_derivative=1,
                                                                  warmup_steps=4, max_continuous_cached_steps=2)))
     return settings
