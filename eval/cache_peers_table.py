@@ -109,7 +109,7 @@ def sweep() -> List[Setting]:
     settings += [Setting(f"ours_fixed{interval}_o{order}_w3_sync", "ours",
                          dict(residual_diff_threshold=100.0, taylorseer_derivative=order, warmup_steps=3,
                               skip_probe_steps=interval - 2, max_continuous_cached_steps=interval - 1, **synced))
-                 for interval, order in ((3, 0), (3, 1), (3, 2))]
+                 for interval, order in ((3, 0), (3, 1), (3, 2), (4, 0), (5, 0), (6, 0), (8, 0))]
     settings.append(Setting("ours_0.32_o1_w4_mc2", "ours", dict(residual_diff_threshold=0.32, taylorseer_derivative=1,
                                                                  warmup_steps=4, max_continuous_cached_steps=2)))
     return settings
