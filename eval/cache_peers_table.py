@@ -133,6 +133,8 @@ def method_family(setting: Setting) -> str:
     """The curve a setting belongs to in the plot."""
     if setting.method == "ours":
         p = setting.params
+        if setting.name.startswith("ours_fixed"):
+            return f"ours fixed schedule, order {p['taylorseer_derivative']} + sync"
         if p.get("fn_compute_blocks", 1) != 1 or p.get("max_continuous_cached_steps", -1) >= 0:
             return "ours (other)"
         if p.get("adaptive_probe_skips"):
@@ -341,6 +343,15 @@ def markdown(rows: Sequence[dict], steps: int) -> str:
     return "\n".join(lines)
 
 
+def frontier(rows: Sequence[dict]) -> List[dict]:
+    """The rows no other row beats on both compute speedup and PSNR, by increasing speedup."""
+    best: List[dict] = []
+    for row in sorted(rows, key=lambda r: (-r["compute_speedup"], -r["psnr"])):
+        if not best or row["psnr"] > best[-1]["psnr"]:
+            best.append(row)
+    return best[::-1]
+
+
 def plot(results: Dict[str, List[dict]], path: Path) -> None:
     import matplotlib
 
@@ -361,6 +372,11 @@ def plot(results: Dict[str, List[dict]], path: Path) -> None:
             ours = family.startswith("ours")
             axis.plot([r["compute_speedup"] for r in members], [r["psnr"] for r in members], "-" if ours else "--",
                       marker="o" if ours else "s", color=colours[family], label=family, linewidth=2.2 if ours else 1.2)
+        for side, colour in (("ours", "black"), ("peers", "0.5")):
+            members = frontier([row for row in rows if row["psnr"] is not None
+                                and (row["framework"] == "mindspore") == (side == "ours")])
+            axis.plot([r["compute_speedup"] for r in members], [r["psnr"] for r in members], color=colour,
+                      linewidth=5, alpha=0.35, zorder=0, label=f"best of {side} (frontier)")
         axis.set_xlabel("compute speedup (transformer-block FLOPs, uncached / cached)")
         axis.set_ylabel("PSNR against the uncached image (dB)")
         axis.set_title(f"shipped emoji Flux, {steps} steps, true CFG {TRUE_CFG_SCALE:g}")

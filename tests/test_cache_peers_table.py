@@ -82,3 +82,11 @@ def test_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         table.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_frontier_keeps_the_rows_no_other_row_beats():
+    rows = [dict(name=name, compute_speedup=speedup, psnr=psnr) for name, speedup, psnr in
+            [("a", 1.5, 50.0), ("b", 1.6, 48.0), ("c", 2.0, 49.0), ("d", 2.5, 40.0), ("e", 2.4, 39.0),
+             ("f", 3.0, 41.0)]]
+    # b is beaten by c (faster and better), d and e by f.
+    assert [row["name"] for row in table.frontier(rows)] == ["a", "c", "f"]
