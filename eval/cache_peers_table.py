@@ -108,10 +108,11 @@ def sweep() -> List[Setting]:
                               bn_compute_blocks=1)) for t in (0.12,)]
     # A fixed schedule (every `interval`-th step computed, the probe run on the step after): TaylorSeer's
     # schedule with our forecast, to tell the forecast's quality apart from the gate's choices.
-    settings += [Setting(f"ours_fixed{interval}_o{order}_w3_sync", "ours",
-                         dict(residual_diff_threshold=100.0, taylorseer_derivative=order, warmup_steps=3,
+    settings += [Setting(f"ours_fixed{interval}_o{order}_w{warmup}_sync", "ours",
+                         dict(residual_diff_threshold=100.0, taylorseer_derivative=order, warmup_steps=warmup,
                               skip_probe_steps=interval - 2, max_continuous_cached_steps=interval - 1, **synced))
-                 for interval, order in ((3, 0), (3, 1), (3, 2), (4, 0), (5, 0), (6, 0), (8, 0))]
+                 for interval, order, warmup in ((3, 0, 3), (3, 1, 3), (3, 2, 3), (4, 0, 3), (5, 0, 3), (6, 0, 3),
+                                                 (8, 0, 3), (4, 0, 6), (5, 0, 6), (6, 0, 6))]
     settings.append(Setting("ours_0.32_o1_w4_mc2", "ours", dict(residual_diff_threshold=0.32, taylorseer_derivative=1,
                                                                  warmup_steps=4, max_continuous_cached_steps=2)))
     return settings
