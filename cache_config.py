@@ -87,8 +87,6 @@ class FBCacheConfig:
     forecast_space: str = "step"
     verify_forecast: bool = False
     skip_probe_steps: int = 0
-    # The number of probe-skipping steps after a hit follows its diff (skip_probe_steps is the most).
-    adaptive_probe_skips: bool = False
     # With true CFG: the uncond branch takes the cond branch's decision at each step.
     sync_cfg_branches: bool = False
 
@@ -103,9 +101,6 @@ class FBCacheConfig:
         check_forecast_space(self.forecast_space)
         check_flag("verify_forecast", self.verify_forecast)
         check_probe_skipping(self.skip_probe_steps, self.bn_compute_blocks)
-        check_flag("adaptive_probe_skips", self.adaptive_probe_skips)
-        if self.adaptive_probe_skips and self.skip_probe_steps == 0:
-            raise ValueError("adaptive_probe_skips=True needs skip_probe_steps > 0 (the most steps a hit may skip)")
         check_flag("sync_cfg_branches", self.sync_cfg_branches)
 
     def runtime_settings(self, follower: bool = False) -> dict:

@@ -161,7 +161,7 @@ class CacheContext(nn.Cell):
                  bn_compute_blocks: int = _DEFAULTS.bn_compute_blocks, text_seq_len: Optional[int] = None,
                  max_stats_steps: int = DEFAULT_MAX_STATS_STEPS, forecast_space: str = _DEFAULTS.forecast_space,
                  verify_forecast: bool = _DEFAULTS.verify_forecast, skip_probe_steps: int = _DEFAULTS.skip_probe_steps,
-                 adaptive_probe_skips: bool = _DEFAULTS.adaptive_probe_skips, follow_leader: bool = False, leader: Optional["CacheContext"] = None):
+                 follow_leader: bool = False, leader: Optional["CacheContext"] = None):
         super().__init__()
         if leader is not None and not isinstance(leader, CacheContext):
             raise ValueError(f"leader: expected the CacheContext of the branch run first, got {type(leader).__name__}")
@@ -202,7 +202,6 @@ class CacheContext(nn.Cell):
         self.in_sigma = _scalar(0, ms.int32, "in_sigma")
         self.verify = _scalar(0, ms.int32, "verify")
         self.skip_probe_steps = _scalar(0, ms.int32, "skip_probe_steps")
-        self.adaptive_probe_skips = _scalar(0, ms.int32, "adaptive_probe_skips")
         self.follow = _scalar(0, ms.int32, "follow")
         # This step's mode (MODE_*), read by a follower in the same step; probe-skipping steps left.
         # A unique name: a follower's graph holds its leader's mode Parameter too.
@@ -214,7 +213,7 @@ class CacheContext(nn.Cell):
                        warmup_steps=warmup_steps, max_cached_steps=max_cached_steps,
                        max_continuous_cached_steps=max_continuous_cached_steps, forecast_space=forecast_space,
                        verify_forecast=verify_forecast, skip_probe_steps=skip_probe_steps,
-                       adaptive_probe_skips=adaptive_probe_skips, follow_leader=follow_leader)
+                       follow_leader=follow_leader)
 
     # ----- host-side control (between generations) -----
 
@@ -222,7 +221,7 @@ class CacheContext(nn.Cell):
                   warmup_steps: Optional[int] = None, max_cached_steps: Optional[int] = None,
                   max_continuous_cached_steps: Optional[int] = None, forecast_space: Optional[str] = None,
                   verify_forecast: Optional[bool] = None, skip_probe_steps: Optional[int] = None,
-                  adaptive_probe_skips: Optional[bool] = None, follow_leader: Optional[bool] = None) -> None:
+                  follow_leader: Optional[bool] = None) -> None:
         """Change settings in place (no recompile). Arguments left as None keep their value.
 
         Call `reset()` before the next generation: changing the order mid-generation keeps the
@@ -244,8 +243,6 @@ class CacheContext(nn.Cell):
             check_flag("verify_forecast", verify_forecast)
         if skip_probe_steps is not None:
             check_probe_skipping(skip_probe_steps, self.bn_compute_blocks)
-        if adaptive_probe_skips is not None:
-            check_flag("adaptive_probe_skips", adaptive_probe_skips)
         if follow_leader is not None:
             check_flag("follow_leader", follow_leader)
             if follow_leader and self.leader_mode is None:
@@ -256,7 +253,6 @@ class CacheContext(nn.Cell):
                    (self.in_sigma, None if forecast_space is None else int(forecast_space == "sigma")),
                    (self.verify, None if verify_forecast is None else int(verify_forecast)),
                    (self.skip_probe_steps, skip_probe_steps),
-                   (self.adaptive_probe_skips, None if adaptive_probe_skips is None else int(adaptive_probe_skips)),
                    (self.follow, None if follow_leader is None else int(follow_leader)))
         for param, value in updates:
             if value is not None:
@@ -264,8 +260,7 @@ class CacheContext(nn.Cell):
 
     def setting_parameters(self) -> tuple:
         return (self.threshold, self.taylor_order, self.warmup_steps, self.max_cached_steps,
-                self.max_continuous_cached_steps, self.in_sigma, self.verify, self.skip_probe_steps,
-                self.adaptive_probe_skips, self.follow)
+                self.max_continuous_cached_steps, self.in_sigma, self.verify, self.skip_probe_steps, self.follow)
 
     def reset(self) -> None:
         """Clear all generation state in place, keeping the settings: every Parameter that is not a setting
@@ -344,19 +339,8 @@ class CacheContext(nn.Cell):
         ops.assign(self.cached_total, self.cached_total + 1)
         return ops.assign(self.consecutive_cached, self.consecutive_cached + 1)
 
-    def probe_skips_after_hit(self, diff: Tensor) -> Tensor:
-        """How many steps after this hit skip the probe: `skip_probe_steps`, or with `adaptive_probe_skips`
-        as many as keep the diff under the threshold if it keeps growing linearly with the distance from the
-        last computed step (a hit at distance g with diff d allows floor(g * threshold / d) - g more),
-        at most `skip_probe_steps`. A probe far below the threshold buys many skips, one near it none."""
-        gap = (self.consecutive_cached + 1).astype(ms.float32)
-        limit = self.skip_probe_steps.astype(ms.float32)
-        allowed = ops.floor(gap * self.threshold / ops.maximum(diff, ops.fill(ms.float32, (), 1e-12)) - gap)
-        adaptive = ops.clip_by_value(allowed, ops.zeros((), ms.float32), limit).astype(ms.int32)
-        return ops.select(self.adaptive_probe_skips > 0, adaptive, self.skip_probe_steps)
-
-    def update_on_hit(self, diff: Tensor) -> Tensor:
-        ops.assign(self.probe_skips_left, self.probe_skips_after_hit(diff))
+    def update_on_hit(self) -> Tensor:
+        ops.assign(self.probe_skips_left, self.skip_probe_steps)
         return self._count_cached(MODE_HIT)
 
     def update_on_probe_skip(self) -> Tensor:

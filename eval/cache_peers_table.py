@@ -95,8 +95,6 @@ def sweep() -> List[Setting]:
              for space, thresholds in (("step", (0.04, 0.06, 0.08, 0.12, 0.16, 0.24)), ("sigma", (0.04, 0.06))) for t in thresholds]
     ours += [(f"ours_skip{skips}", t, dict(skip_probe_steps=skips, warmup_steps=3, **synced))
              for skips, t in ((1, 0.08), (1, 0.12), (2, 0.12), (2, 0.16), (3, 0.16), (3, 0.24))]
-    ours += [(f"ours_askip{most}", t, dict(skip_probe_steps=most, adaptive_probe_skips=True, warmup_steps=3, **synced))
-             for most, t in ((3, 0.08), (3, 0.12), (3, 0.16), (6, 0.16), (6, 0.24))]
     ours += [(f"ours_verify_skip{skips}", t, dict(taylorseer_derivative=order, verify_forecast=True,
                                                   skip_probe_steps=skips, **synced))
              for skips, order, t in ((1, 1, 0.04), (1, 1, 0.08), (1, 1, 0.12), (2, 1, 0.04), (2, 1, 0.08),
@@ -138,8 +136,6 @@ def method_family(setting: Setting) -> str:
             return f"ours fixed schedule, order {p['taylorseer_derivative']} + sync"
         if p.get("fn_compute_blocks", 1) != 1 or p.get("max_continuous_cached_steps", -1) >= 0:
             return "ours (other)"
-        if p.get("adaptive_probe_skips"):
-            return "ours adaptive skip-probe + sync"
         if p.get("skip_probe_steps"):
             return "ours skip-probe" + (" + verify" if p.get("verify_forecast") else "") + " + sync"
         if p.get("verify_forecast"):

@@ -45,10 +45,6 @@ def add_cache_arguments(parser: argparse.ArgumentParser, defaults: FBCacheConfig
     group.add_argument("--skip_probe_steps", type=int, default=defaults.skip_probe_steps,
                        help="after a cache hit, up to this many steps run no block at all (the first-block "
                             "residual is forecast too); needs --bn_compute_blocks 0")
-    group.add_argument("--adaptive_probe_skips", action="store_true", default=defaults.adaptive_probe_skips,
-                       help="after a hit, skip the probe for as many steps (at most --skip_probe_steps) as keep its "
-                            "diff under the threshold, assuming it grows linearly with the distance from the last "
-                            "computed step")
     group.add_argument("--sync_cfg_branches", action="store_true", default=defaults.sync_cfg_branches,
                        help="with true CFG, the uncond branch caches exactly when the cond branch does")
     group.add_argument("--warmup_steps", type=int, default=defaults.warmup_steps, help="first steps always computed")

@@ -66,7 +66,7 @@ def cached_forward(model, context: CacheContext, hidden_states: Tensor, encoder_
             hidden_states = hidden_states + context.forecast(position)
             if context.bn_compute_blocks > 0:
                 encoder_hidden_states = encoder_hidden_states + context.text_residual
-            context.update_on_hit(diff)
+            context.update_on_hit()
         else:
             middle_encoder, middle_hidden = run_blocks(
                 model, first_end, middle_end, hidden_states, encoder_hidden_states, temb, rotary)

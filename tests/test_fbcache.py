@@ -260,7 +260,7 @@ class GateStep(nn.Cell):
         diff = self.context.probe_diff(probe, position)
         cached = self.context.can_cache(diff)
         if cached:
-            self.context.update_on_hit(diff)
+            self.context.update_on_hit()
         else:
             self.context.update_on_miss(probe, middle, probe, position)
         self.context.finish_step(diff)
@@ -558,80 +558,3 @@ def test_follow_leader_needs_a_leader():
         CacheContext(BATCH, TOKENS, INNER, follow_leader=True)
     with pytest.raises(ValueError, match="skip_probe_steps"):
         CacheContext(BATCH, TOKENS, INNER, bn_compute_blocks=1, text_seq_len=TEXT, skip_probe_steps=1)
-
-
-# ----- (i) adaptive probe skipping -----
-
-class SkippingGateStep(nn.Cell):
-    """One step of the gate with probe skipping, without a model: the probe residual is given."""
-
-    def __init__(self, context: CacheContext):
-        super().__init__()
-        self.context = context
-
-    def construct(self, probe: Tensor, sigma: Tensor) -> Tensor:
-        position = self.context.position(sigma)
-        if self.context.skips_probe():
-            self.context.update_on_probe_skip()
-            diff = ms.ops.fill(ms.float32, (), float("nan"))
-        else:
-            diff = self.context.probe_diff(probe, position)
-            if self.context.can_cache(diff):
-                self.context.update_on_hit(diff)
-            else:
-                self.context.update_on_miss(probe, probe, probe, position)
-        return self.context.finish_step(diff)
-
-
-def reference_adaptive_skips(probes: List[np.ndarray], threshold: float, most: int, adaptive: bool) -> str:
-    """The rule written plainly: C computed, H hit, S probe skipped. A hit at distance g from the last
-    computed step with diff d is followed by min(most, floor(g * threshold / d - g)) skips (adaptive) or `most`."""
-    letters, reference, since_computed, skips_left = [], None, 0, 0
-    for probe in probes:
-        if skips_left > 0:
-            letters.append("S")
-            skips_left -= 1
-            since_computed += 1
-            continue
-        diff = None if reference is None else np.abs(probe - reference).sum() / np.abs(reference).sum()
-        if diff is not None and diff < threshold:
-            gap = since_computed + 1
-            allowed = gap * threshold / diff - gap
-            assert abs(allowed - round(allowed)) > 1e-3, "too close to an integer for an fp32 comparison"
-            skips_left = min(most, max(0, int(np.floor(allowed)))) if adaptive else most
-            letters.append("H")
-            since_computed += 1
-        else:
-            letters.append("C")
-            reference, since_computed = probe, 0
-    return "".join(letters)
-
-
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_adaptive_probe_skips_follow_the_diff(adaptive):
-    """A probe drifting at a varying rate: slow stretches buy more skips than fast ones; decisions equal the
-    plain rule's, and the adaptive counts vary (fixed: always `most`)."""
-    threshold, most, steps = 0.1, 4, 40
-    rng = np.random.default_rng(11)
-    base = rng.uniform(1.0, 2.0, (1, 2, 3))
-    rates = np.where(np.arange(steps) % 13 < 6, 0.008, 0.045) * rng.uniform(0.8, 1.2, steps)
-    probes = [base * (1 + np.cumsum(rates)[k]) for k in range(steps)]
-    context = CacheContext(1, 2, 3, residual_diff_threshold=threshold, skip_probe_steps=most,
-                           adaptive_probe_skips=adaptive)
-    gate = SkippingGateStep(context)
-    for probe in probes:
-        gate(Tensor(probe.astype(np.float32)), Tensor(np.float32(0.5)))
-    stats = context.summary()
-    letters = "".join("S" if skipped else ("H" if cached else "C")
-                      for cached, skipped in zip(stats["cached"], stats["probe_skipped"]))
-    expected = reference_adaptive_skips(probes, threshold, most, adaptive)
-    assert letters == expected
-    skip_runs = [len(part) - len(part.lstrip("S")) for part in expected.split("H")[1:]]
-    assert (len(set(skip_runs)) >= 2) if adaptive else (set(skip_runs) <= {most})
-
-
-def test_adaptive_probe_skips_need_probe_skipping():
-    with pytest.raises(ValueError, match="adaptive_probe_skips=True needs skip_probe_steps > 0"):
-        FBCacheConfig(adaptive_probe_skips=True)
-    with pytest.raises(ValueError, match="adaptive_probe_skips: expected True or False"):
-        CacheContext(1, 2, 3, adaptive_probe_skips=1)
