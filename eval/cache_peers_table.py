@@ -358,7 +358,7 @@ def plot(results: Dict[str, List[dict]], path: Path) -> None:
     by_name = {setting.name: setting for setting in sweep()}
     all_families = sorted({method_family(by_name[row["setting"]]) for rows in results.values() for row in rows})
     colours = {family: plt.cm.tab20(index % 20) for index, family in enumerate(all_families)}
-    figure, axes = plt.subplots(1, len(results), figsize=(8 * len(results), 6), squeeze=False)
+    figure, axes = plt.subplots(1, len(results), figsize=(10.5 * len(results), 6), squeeze=False)
     for axis, (steps, rows) in zip(axes[0], sorted(results.items(), key=lambda item: int(item[0]))):
         families: Dict[str, List[dict]] = {}
         for row in rows:
@@ -369,17 +369,18 @@ def plot(results: Dict[str, List[dict]], path: Path) -> None:
             ours = family.startswith("ours")
             axis.plot([r["compute_speedup"] for r in members], [r["psnr"] for r in members], "-" if ours else "--",
                       marker="o" if ours else "s", color=colours[family], label=family, linewidth=2.2 if ours else 1.2)
-        for side, colour in (("ours", "black"), ("peers", "0.5")):
+        for side, colour in (("ours", "black"), ("peers", "tab:red")):
             members = frontier([row for row in rows if row["psnr"] is not None
                                 and (row["framework"] == "mindspore") == (side == "ours")])
             axis.plot([r["compute_speedup"] for r in members], [r["psnr"] for r in members], color=colour,
-                      linewidth=5, alpha=0.35, zorder=0, label=f"best of {side} (frontier)")
+                      linewidth=7, alpha=0.25, zorder=1, solid_capstyle="round",
+                      label=f"best of {side} (frontier)")
         axis.set_xlabel("compute speedup (transformer-block FLOPs, uncached / cached)")
         axis.set_ylabel("PSNR against the uncached image (dB)")
         axis.set_title(f"shipped emoji Flux, {steps} steps, true CFG {TRUE_CFG_SCALE:g}")
         axis.axvspan(1.5, 4.0, color="0.93", zorder=0)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
