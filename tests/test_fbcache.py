@@ -359,6 +359,18 @@ def test_guards_limit_cached_steps(f1_model, inputs, limits, expected):
     assert stats["steps_cached"] == sum(expected)
 
 
+def test_guards_make_the_documented_fixed_schedule(f1_model, inputs):
+    """README's fixed schedule with k = 4: every step may hit (threshold 100), 3 warm-up steps, then per cycle
+    one computed step, one probe-only hit and k - 2 probe-skipping steps."""
+    model, context = f1_model
+    context.configure(**{**PLAIN_SETTINGS, "residual_diff_threshold": 100.0, "warmup_steps": 3,
+                         "skip_probe_steps": 2, "max_continuous_cached_steps": 3})
+    _, stats = generate(model, context, inputs)
+    letters = "".join("S" if skipped else ("H" if cached else "C")
+                      for cached, skipped in zip(stats["cached"], stats["probe_skipped"]))
+    assert letters == "CCCHSSCH"
+
+
 # ----- (e) reconfiguration and reset: no recompile, no stale state -----
 
 def generate_with(model, context: CacheContext, inputs, threshold: float, order: int):
