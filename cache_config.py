@@ -54,10 +54,10 @@ def check_flag(name: str, value: bool) -> None:
         raise ValueError(f"{name}: expected True or False, got {value!r}")
 
 
-def check_probe_skipping(skip_probe_steps: int, bn_compute_blocks: int) -> None:
-    check_int("skip_probe_steps", skip_probe_steps, 0)
+def check_probe_skipping(skip_probe_steps: int, bn_compute_blocks: int, name: str = "skip_probe_steps") -> None:
+    check_int(name, skip_probe_steps, 0)
     if skip_probe_steps > 0 and bn_compute_blocks > 0:
-        raise ValueError(f"skip_probe_steps: must be 0 with bn_compute_blocks > 0 (a step without the first blocks "
+        raise ValueError(f"{name}: must be 0 with bn_compute_blocks > 0 (a step without the first blocks "
                          f"has no text stream for the last ones), got {skip_probe_steps}")
 
 
@@ -87,6 +87,8 @@ class FBCacheConfig:
     forecast_space: str = "step"
     verify_forecast: bool = False
     skip_probe_steps: int = 0
+    # After a computed step, up to this many steps run no block (no probe either).
+    skips_after_compute: int = 0
     # With true CFG: the uncond branch takes the cond branch's decision at each step.
     sync_cfg_branches: bool = False
 
@@ -101,6 +103,7 @@ class FBCacheConfig:
         check_forecast_space(self.forecast_space)
         check_flag("verify_forecast", self.verify_forecast)
         check_probe_skipping(self.skip_probe_steps, self.bn_compute_blocks)
+        check_probe_skipping(self.skips_after_compute, self.bn_compute_blocks, "skips_after_compute")
         check_flag("sync_cfg_branches", self.sync_cfg_branches)
 
     def runtime_settings(self, follower: bool = False) -> dict:

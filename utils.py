@@ -26,11 +26,15 @@ The gate compares the probe (first-block) residual with the last computed one. W
 cached residual's forecast), so a step is skipped when the forecast has just proven right on the probe
 (forecast-then-verify, as SpeCa does). At order 0 the two gates are the same.
 
-Two settings save more compute per unit of image change (measured on the shipped emoji model, 28 steps,
+Three settings save more compute per unit of image change (measured on the shipped emoji model, 28 steps,
 true CFG: see the README's peer table):
 - `skip_probe_steps=k`: after a hit, up to k following steps run no block at all and take the probe's
   residual from its forecast as well. On a model whose first block is a large share of the compute (1/6
   here, 1/57 on FLUX.1-dev) the probe otherwise caps the speedup.
+- `skips_after_compute=k`: after a computed step, up to k steps run no block at all (no probe), reusing the
+  residual of all blocks, as MagCache and TaylorSeer lite skip. With a huge threshold and
+  `max_continuous_cached_steps=k` it is a probe-free fixed schedule: 4.00x at 32.2 dB where TaylorSeer
+  lite's order-1 forecast on the same schedule keeps 22.4.
 - `follow_leader=True` on the uncond context of true CFG (constructed with `leader=` the cond context):
   the uncond branch takes the cond branch's decision of the same step, so both predictions are cached
   or computed together and CFG (which scales their difference by the CFG scale) does not amplify a
@@ -161,7 +165,7 @@ class CacheContext(nn.Cell):
                  bn_compute_blocks: int = _DEFAULTS.bn_compute_blocks, text_seq_len: Optional[int] = None,
                  max_stats_steps: int = DEFAULT_MAX_STATS_STEPS, forecast_space: str = _DEFAULTS.forecast_space,
                  verify_forecast: bool = _DEFAULTS.verify_forecast, skip_probe_steps: int = _DEFAULTS.skip_probe_steps,
-                 follow_leader: bool = False, leader: Optional["CacheContext"] = None):
+                 skips_after_compute: int = _DEFAULTS.skips_after_compute, follow_leader: bool = False, leader: Optional["CacheContext"] = None):
         super().__init__()
         if leader is not None and not isinstance(leader, CacheContext):
             raise ValueError(f"leader: expected the CacheContext of the branch run first, got {type(leader).__name__}")
@@ -202,6 +206,7 @@ class CacheContext(nn.Cell):
         self.in_sigma = _scalar(0, ms.int32, "in_sigma")
         self.verify = _scalar(0, ms.int32, "verify")
         self.skip_probe_steps = _scalar(0, ms.int32, "skip_probe_steps")
+        self.skips_after_compute = _scalar(0, ms.int32, "skips_after_compute")
         self.follow = _scalar(0, ms.int32, "follow")
         # This step's mode (MODE_*), read by a follower in the same step; probe-skipping steps left.
         # A unique name: a follower's graph holds its leader's mode Parameter too.
@@ -213,7 +218,7 @@ class CacheContext(nn.Cell):
                        warmup_steps=warmup_steps, max_cached_steps=max_cached_steps,
                        max_continuous_cached_steps=max_continuous_cached_steps, forecast_space=forecast_space,
                        verify_forecast=verify_forecast, skip_probe_steps=skip_probe_steps,
-                       follow_leader=follow_leader)
+                       skips_after_compute=skips_after_compute, follow_leader=follow_leader)
 
     # ----- host-side control (between generations) -----
 
@@ -221,7 +226,7 @@ class CacheContext(nn.Cell):
                   warmup_steps: Optional[int] = None, max_cached_steps: Optional[int] = None,
                   max_continuous_cached_steps: Optional[int] = None, forecast_space: Optional[str] = None,
                   verify_forecast: Optional[bool] = None, skip_probe_steps: Optional[int] = None,
-                  follow_leader: Optional[bool] = None) -> None:
+                  skips_after_compute: Optional[int] = None, follow_leader: Optional[bool] = None) -> None:
         """Change settings in place (no recompile). Arguments left as None keep their value.
 
         Call `reset()` before the next generation: changing the order mid-generation keeps the
@@ -243,6 +248,8 @@ class CacheContext(nn.Cell):
             check_flag("verify_forecast", verify_forecast)
         if skip_probe_steps is not None:
             check_probe_skipping(skip_probe_steps, self.bn_compute_blocks)
+        if skips_after_compute is not None:
+            check_probe_skipping(skips_after_compute, self.bn_compute_blocks, "skips_after_compute")
         if follow_leader is not None:
             check_flag("follow_leader", follow_leader)
             if follow_leader and self.leader_mode is None:
@@ -252,7 +259,7 @@ class CacheContext(nn.Cell):
                    (self.max_continuous_cached_steps, max_continuous_cached_steps),
                    (self.in_sigma, None if forecast_space is None else int(forecast_space == "sigma")),
                    (self.verify, None if verify_forecast is None else int(verify_forecast)),
-                   (self.skip_probe_steps, skip_probe_steps),
+                   (self.skip_probe_steps, skip_probe_steps), (self.skips_after_compute, skips_after_compute),
                    (self.follow, None if follow_leader is None else int(follow_leader)))
         for param, value in updates:
             if value is not None:
@@ -260,7 +267,8 @@ class CacheContext(nn.Cell):
 
     def setting_parameters(self) -> tuple:
         return (self.threshold, self.taylor_order, self.warmup_steps, self.max_cached_steps,
-                self.max_continuous_cached_steps, self.in_sigma, self.verify, self.skip_probe_steps, self.follow)
+                self.max_continuous_cached_steps, self.in_sigma, self.verify, self.skip_probe_steps,
+                self.skips_after_compute, self.follow)
 
     def reset(self) -> None:
         """Clear all generation state in place, keeping the settings: every Parameter that is not a setting
@@ -331,7 +339,9 @@ class CacheContext(nn.Cell):
             ops.assign(self.text_residual, text_residual.astype(self.dtype))
         self.update_taylor(middle_residual, position, probe_residual)
         ops.assign(self.mode, ops.fill(ms.int32, (), MODE_COMPUTED))
-        ops.assign(self.probe_skips_left, ops.zeros((), ms.int32))
+        # Threshold <= 0 never caches, so it never skips either.
+        skips = ops.select(self.threshold > 0, self.skips_after_compute, ops.zeros((), ms.int32))
+        ops.assign(self.probe_skips_left, skips)
         return ops.assign(self.consecutive_cached, ops.zeros((), ms.int32))
 
     def _count_cached(self, mode: int) -> Tensor:

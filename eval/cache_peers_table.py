@@ -111,6 +111,13 @@ def sweep() -> List[Setting]:
                               skip_probe_steps=interval - 2, max_continuous_cached_steps=interval - 1, **synced))
                  for interval, order, warmup in ((3, 0, 3), (3, 1, 3), (3, 2, 3), (4, 0, 3), (5, 0, 3), (6, 0, 3),
                                                  (8, 0, 3), (4, 0, 6), (5, 0, 6), (6, 0, 6))]
+    # Probe-free skipping after computed steps (MagCache's and TaylorSeer lite's schedules), with the gate
+    # deciding the step after the skips.
+    settings += [Setting(f"ours_after{after}_{t:g}_o0_w{warmup}_sync", "ours",
+                         dict(residual_diff_threshold=t, warmup_steps=warmup, skips_after_compute=after,
+                              max_continuous_cached_steps=after, **synced))
+                 for after, t, warmup in ((1, 100.0, 6), (2, 100.0, 6), (3, 100.0, 6), (4, 100.0, 6), (1, 100.0, 3),
+                                          (2, 100.0, 3), (3, 100.0, 3), (4, 100.0, 3), (5, 100.0, 3))]
     settings.append(Setting("ours_0.32_o1_w4_mc2", "ours", dict(residual_diff_threshold=0.32, taylorseer_derivative=1,
                                                                  warmup_steps=4, max_continuous_cached_steps=2)))
     return settings
@@ -132,6 +139,8 @@ def method_family(setting: Setting) -> str:
     """The curve a setting belongs to in the plot."""
     if setting.method == "ours":
         p = setting.params
+        if setting.name.startswith("ours_after"):
+            return "ours probe-free fixed schedule + sync"
         if setting.name.startswith("ours_fixed"):
             return f"ours fixed schedule, order {p['taylorseer_derivative']} + sync"
         if p.get("fn_compute_blocks", 1) != 1 or p.get("max_continuous_cached_steps", -1) >= 0:

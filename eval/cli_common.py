@@ -34,10 +34,10 @@ def add_cache_arguments(parser: argparse.ArgumentParser, defaults: FBCacheConfig
                        help="cache a step when the first-block residual changed less than this; <= 0 never caches. "
                             "Measured on the shipped model (28 steps, README 'Our cache against every peer'): "
                             "0.04 with --taylorseer_derivative 1 --verify_forecast --sync_cfg_branches saves 1.56x "
-                            "of the block compute at 51 dB PSNR; 0.08 plain saves 1.55x at 45 dB; 0.12 with "
-                            "--skip_probe_steps 2 --warmup_steps 3 --sync_cfg_branches saves 2.75x at 38 dB; a fixed "
-                            "schedule (100 with --skip_probe_steps 4 --max_continuous_cached_steps 5 --warmup_steps 3 "
-                            "--sync_cfg_branches: every 6th step computed) saves 3.57x at 32 dB")
+                            "of the block compute at 51 dB PSNR; 0.08 plain saves 1.55x at 45 dB; 100 with "
+                            "--skips_after_compute 2 --max_continuous_cached_steps 2 --warmup_steps 6 "
+                            "--sync_cfg_branches (every 3rd step computed) saves 2.15x at 44.7 dB; with 5 and "
+                            "--warmup_steps 3, 4.00x at 32.2 dB")
     group.add_argument("--taylorseer_derivative", type=int, default=defaults.taylorseer_derivative,
                        help=f"forecast order 0-{MAX_TAYLOR_ORDER} of the cached residual (0 = plain reuse)")
     group.add_argument("--forecast_space", choices=("step", "sigma"), default=defaults.forecast_space,
@@ -47,6 +47,9 @@ def add_cache_arguments(parser: argparse.ArgumentParser, defaults: FBCacheConfig
     group.add_argument("--skip_probe_steps", type=int, default=defaults.skip_probe_steps,
                        help="after a cache hit, up to this many steps run no block at all (the first-block "
                             "residual is forecast too); needs --bn_compute_blocks 0")
+    group.add_argument("--skips_after_compute", type=int, default=defaults.skips_after_compute,
+                       help="after a computed step, up to this many steps run no block at all (no probe; as "
+                            "MagCache and TaylorSeer lite skip); needs --bn_compute_blocks 0")
     group.add_argument("--sync_cfg_branches", action="store_true", default=defaults.sync_cfg_branches,
                        help="with true CFG, the uncond branch caches exactly when the cond branch does")
     group.add_argument("--warmup_steps", type=int, default=defaults.warmup_steps, help="first steps always computed")

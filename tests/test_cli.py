@@ -94,6 +94,8 @@ DEMO = ["--demo_config", "demo"]
 
 @pytest.mark.parametrize("args,message", [
     (["--skip_probe_steps", "1", "--bn_compute_blocks", "1"], "--skip_probe_steps: must be 0 with bn_compute_blocks"),
+    (["--skips_after_compute", "1", "--bn_compute_blocks", "1"],
+     "--skips_after_compute: must be 0 with bn_compute_blocks"),
     (["--image_size", "100", "64"], "multiples of 16"),
     (["--dtype", "bfloat16"], "bfloat16 needs bf16 matmul"),
     (["--prompt", "a", "b", "c", "--negative_prompt", "x", "y"], "--negative_prompt has 2 entries for 3 prompts"),

@@ -99,10 +99,11 @@ def f1_model(checkpoint):
 
 # ----- (a) no caching gives the uncached model -----
 
-NEW_VARIANTS = dict(taylorseer_derivative=2, forecast_space="sigma", verify_forecast=True, skip_probe_steps=2)
+NEW_VARIANTS = dict(taylorseer_derivative=2, forecast_space="sigma", verify_forecast=True, skip_probe_steps=2,
+                    skips_after_compute=2)
 # Tests sharing f1_model start from these (a test that switches a variant on must not leak it).
 PLAIN_SETTINGS = dict(taylorseer_derivative=0, warmup_steps=0, max_cached_steps=-1, max_continuous_cached_steps=-1,
-                      forecast_space="step", verify_forecast=False, skip_probe_steps=0)
+                      forecast_space="step", verify_forecast=False, skip_probe_steps=0, skips_after_compute=0)
 
 
 @pytest.mark.parametrize("settings", [dict(residual_diff_threshold=0.0, warmup_steps=0),
@@ -371,6 +372,18 @@ def test_guards_make_the_documented_fixed_schedule(f1_model, inputs):
     assert letters == "CCCHSSCH"
 
 
+def test_skips_after_compute_make_a_probe_free_schedule(f1_model, inputs):
+    """README's probe-free schedule with 2 skips: after each computed step two steps run no block; the
+    consecutive-cached guard makes the step after them computed."""
+    model, context = f1_model
+    context.configure(**{**PLAIN_SETTINGS, "residual_diff_threshold": 100.0, "warmup_steps": 3,
+                         "skips_after_compute": 2, "max_continuous_cached_steps": 2})
+    _, stats = generate(model, context, inputs)
+    letters = "".join("S" if skipped else ("H" if cached else "C")
+                      for cached, skipped in zip(stats["cached"], stats["probe_skipped"]))
+    assert letters == "CCCSSCSS"
+
+
 # ----- (e) reconfiguration and reset: no recompile, no stale state -----
 
 def generate_with(model, context: CacheContext, inputs, threshold: float, order: int):
@@ -483,6 +496,7 @@ BAD_SETTINGS = [
     (dict(warmup_steps=2 ** 32), r"warmup_steps: expected an int in \[0, 2147483647\], got 4294967296"),
     (dict(max_cached_steps=2 ** 32 + 5), r"max_cached_steps: expected -1 \(no limit\) or an int in \[0, 2147483647\]"),
     (dict(skip_probe_steps=2 ** 31), "skip_probe_steps: expected an int in"),
+    (dict(skips_after_compute=-1), "skips_after_compute: expected an int in"),
 ]
 
 
