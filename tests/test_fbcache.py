@@ -360,28 +360,20 @@ def test_guards_limit_cached_steps(f1_model, inputs, limits, expected):
     assert stats["steps_cached"] == sum(expected)
 
 
-def test_guards_make_the_documented_fixed_schedule(f1_model, inputs):
-    """README's fixed schedule with k = 4: every step may hit (threshold 100), 3 warm-up steps, then per cycle
-    one computed step, one probe-only hit and k - 2 probe-skipping steps."""
+@pytest.mark.parametrize("skips,expected", [
+    # Per cycle one computed step, one probe-only hit and k - 2 probe-skipping steps (k = 4).
+    (dict(skip_probe_steps=2, max_continuous_cached_steps=3), "CCCHSSCH"),
+    # Probe-free: after each computed step two steps run no block; the guard computes the next one.
+    (dict(skips_after_compute=2, max_continuous_cached_steps=2), "CCCSSCSS"),
+])
+def test_guards_make_the_documented_fixed_schedules(f1_model, inputs, skips, expected):
+    """README's fixed schedules: every step may hit (threshold 100) after 3 warm-up steps."""
     model, context = f1_model
-    context.configure(**{**PLAIN_SETTINGS, "residual_diff_threshold": 100.0, "warmup_steps": 3,
-                         "skip_probe_steps": 2, "max_continuous_cached_steps": 3})
+    context.configure(**{**PLAIN_SETTINGS, "residual_diff_threshold": 100.0, "warmup_steps": 3, **skips})
     _, stats = generate(model, context, inputs)
     letters = "".join("S" if skipped else ("H" if cached else "C")
                       for cached, skipped in zip(stats["cached"], stats["probe_skipped"]))
-    assert letters == "CCCHSSCH"
-
-
-def test_skips_after_compute_make_a_probe_free_schedule(f1_model, inputs):
-    """README's probe-free schedule with 2 skips: after each computed step two steps run no block; the
-    consecutive-cached guard makes the step after them computed."""
-    model, context = f1_model
-    context.configure(**{**PLAIN_SETTINGS, "residual_diff_threshold": 100.0, "warmup_steps": 3,
-                         "skips_after_compute": 2, "max_continuous_cached_steps": 2})
-    _, stats = generate(model, context, inputs)
-    letters = "".join("S" if skipped else ("H" if cached else "C")
-                      for cached, skipped in zip(stats["cached"], stats["probe_skipped"]))
-    assert letters == "CCCSSCSS"
+    assert letters == expected
 
 
 # ----- (e) reconfiguration and reset: no recompile, no stale state -----
