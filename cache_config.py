@@ -54,11 +54,12 @@ def check_flag(name: str, value: bool) -> None:
         raise ValueError(f"{name}: expected True or False, got {value!r}")
 
 
-def check_probe_skipping(skip_probe_steps: int, bn_compute_blocks: int, name: str = "skip_probe_steps") -> None:
-    check_int(name, skip_probe_steps, 0)
-    if skip_probe_steps > 0 and bn_compute_blocks > 0:
+def check_probe_skipping(steps: int, bn_compute_blocks: int, name: str = "skip_probe_steps") -> None:
+    """A count of steps that run no block (`name`: skip_probe_steps or skips_after_compute)."""
+    check_int(name, steps, 0)
+    if steps > 0 and bn_compute_blocks > 0:
         raise ValueError(f"{name}: must be 0 with bn_compute_blocks > 0 (a step without the first blocks "
-                         f"has no text stream for the last ones), got {skip_probe_steps}")
+                         f"has no text stream for the last ones), got {steps}")
 
 
 def check_block_split(fn_compute_blocks: int, bn_compute_blocks: int, total_blocks: int) -> None:

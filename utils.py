@@ -165,7 +165,8 @@ class CacheContext(nn.Cell):
                  bn_compute_blocks: int = _DEFAULTS.bn_compute_blocks, text_seq_len: Optional[int] = None,
                  max_stats_steps: int = DEFAULT_MAX_STATS_STEPS, forecast_space: str = _DEFAULTS.forecast_space,
                  verify_forecast: bool = _DEFAULTS.verify_forecast, skip_probe_steps: int = _DEFAULTS.skip_probe_steps,
-                 skips_after_compute: int = _DEFAULTS.skips_after_compute, follow_leader: bool = False, leader: Optional["CacheContext"] = None):
+                 skips_after_compute: int = _DEFAULTS.skips_after_compute, follow_leader: bool = False,
+                 leader: Optional["CacheContext"] = None):
         super().__init__()
         if leader is not None and not isinstance(leader, CacheContext):
             raise ValueError(f"leader: expected the CacheContext of the branch run first, got {type(leader).__name__}")

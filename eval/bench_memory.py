@@ -10,10 +10,10 @@ as the pipeline compiles one per CFG branch). Beside them, the bytes the tensors
 largest set of activations alive at once (one block's attention scores and probabilities plus the block's
 widest hidden tensors) and the cache state of one context, per image token.
 
-Why: the speed table reported 12.9 GiB for the mid pipeline at 512x512 whatever the row. Measured here,
-every compiled graph keeps about 1.9 MB per image token at hidden size 1024 (the outputs of all its
-kernels, none reused), independent of `ms.runtime.set_memory` and `memory_optimize_level`; the printed
-table is the evidence.
+Why: the speed table reported 12.9 GiB for the mid pipeline at 512x512 whatever the row. Measured here
+(mid, 256-768 pixels), every compiled graph keeps 2.1-2.8 MiB per image token at hidden size 1024 (the
+outputs of all its kernels, none reused), 17x the widest activations at 512x512, whatever
+`ms.runtime.set_memory` and `memory_optimize_level` say; the printed table is the evidence.
 """
 
 import argparse
@@ -104,11 +104,12 @@ def main(argv=None) -> List[dict]:
           "| + second graph | weights | widest activations | per graph per image token | cache state per image token |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        steps = [row[stage] for stage in STAGES]
+        resident = [row[stage] for stage in STAGES]
         graph = row["first forward"] - row["loaded"]
-        print(f"| {row['size']}x{row['size']} | {row['tokens']} | {steps[0] / GIB:.2f} | "
-              f"{(steps[1] - steps[0]) / GIB:+.2f} | {graph / GIB:+.2f} | {(steps[3] - steps[2]) / GIB:+.2f} | "
-              f"{(steps[4] - steps[3]) / GIB:+.2f} | {row['weights'] / GIB:.2f} | {row['needed'] / GIB:.2f} | "
+        print(f"| {row['size']}x{row['size']} | {row['tokens']} | {resident[0] / GIB:.2f} | "
+              f"{(resident[1] - resident[0]) / GIB:+.2f} | {graph / GIB:+.2f} | "
+              f"{(resident[3] - resident[2]) / GIB:+.2f} | {(resident[4] - resident[3]) / GIB:+.2f} | "
+              f"{row['weights'] / GIB:.2f} | {row['needed'] / GIB:.2f} | "
               f"{graph / row['tokens'] / 2 ** 20:.2f} MiB | {row['cache_state'] / row['tokens'] / 2 ** 10:.1f} KiB |")
     return rows
 

@@ -92,7 +92,8 @@ def sweep() -> List[Setting]:
     synced = dict(sync_cfg_branches=True)
     ours += [("ours", t, dict(sync_cfg_branches=True)) for t in (0.08, 0.12, 0.16)]
     ours += [("ours_verify", t, dict(taylorseer_derivative=1, verify_forecast=True, forecast_space=space, **synced))
-             for space, thresholds in (("step", (0.04, 0.06, 0.08, 0.12, 0.16, 0.24)), ("sigma", (0.04, 0.06))) for t in thresholds]
+             for space, thresholds in (("step", (0.04, 0.06, 0.08, 0.12, 0.16, 0.24)), ("sigma", (0.04, 0.06)))
+             for t in thresholds]
     ours += [(f"ours_skip{skips}", t, dict(skip_probe_steps=skips, warmup_steps=3, **synced))
              for skips, t in ((1, 0.08), (1, 0.12), (2, 0.12), (2, 0.16), (3, 0.16), (3, 0.24))]
     ours += [(f"ours_verify_skip{skips}", t, dict(taylorseer_derivative=order, verify_forecast=True,
