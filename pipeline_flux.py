@@ -28,6 +28,7 @@ from transformers import CLIPTokenizer, T5TokenizerFast
 
 from cache_config import FBCacheConfig  # noqa: F401 (re-exported: the pipeline's cache argument)
 from models.components import check_pipeline_components
+from models.context_parallel import ContextParallelForward, TokenSplit, enable_context_parallel, join_msrun
 from models.demo_checkpoint import TRANSFORMERS_WEIGHTS_NAME, checkpoint_shapes
 from models.loading import check_weights_match, model_folder, stored_tensors, weight_files, without_ignored
 from models.t5_position_buckets import use_exact_t5_position_buckets
@@ -167,11 +168,18 @@ class MindoneVAEDecoder(nn.Cell):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
+def cache_context(forward: nn.Cell) -> Optional[CacheContext]:
+    """The cache context a branch's forward runs under (None: uncached), through a context-parallel wrapper."""
+    if isinstance(forward, ContextParallelForward):
+        forward = forward.forward
+    return forward.context if isinstance(forward, FBCachedTransformer) else None
+
+
 class FluxPipeline:
     """Flux.1-dev (guidance embedding) and Flux.1-schnell text-to-image."""
 
     def __init__(self, scheduler, vae: AutoencoderKL, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 transformer):
+                 transformer, token_split: Optional[TokenSplit] = None):
         self.scheduler = scheduler
         self.vae = vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -181,17 +189,31 @@ class FluxPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.tokenizer_max_length = tokenizer.model_max_length
         self._cached_transformers: Dict[tuple, FBCachedTransformer] = {}
+        # Context parallel (see models/context_parallel.py): this rank's place, and one persistent wrapper
+        # per forward, so each compiles once.
+        self.token_split = token_split
+        self._parallel_forwards: Dict[int, ContextParallelForward] = {}
+        if token_split is not None:
+            enable_context_parallel(transformer)
         self._graph_text_encoders = (GraphTextEncoder(text_encoder), GraphTextEncoder(text_encoder_2))
 
     @classmethod
-    def from_pretrained(cls, path: str, mindspore_dtype: ms.Type = ms.float32,
-                        use_mindone_models: bool = False) -> "FluxPipeline":
+    def from_pretrained(cls, path: str, mindspore_dtype: ms.Type = ms.float32, use_mindone_models: bool = False,
+                        context_parallel: int = 1) -> "FluxPipeline":
         """Load every component of a diffusers FLUX folder, strictly (no silently random weights).
 
         `use_mindone_models` takes mindone's own FluxTransformer2DModel and AutoencoderKL (Ascend
         kernels; they do not run on MindSpore's CPU backend) instead of the portable ones; the cached
         forward binds onto either, and their weights are checked against the files just as strictly.
+        `context_parallel=N > 1` splits each image's tokens over the N workers of the msrun launch this
+        process is in (joined before anything loads; every rank returns the whole image).
         """
+        if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
+            raise ValueError(f"context_parallel must be a whole number of ranks >= 1, got {context_parallel!r}")
+        if context_parallel > 1 and use_mindone_models:
+            raise ValueError("context_parallel needs the portable Flux transformer (its attention gathers keys and "
+                             "values across ranks); drop use_mindone_models")
+        token_split = join_msrun(context_parallel) if context_parallel > 1 else None
         if mindspore_dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
             raise ValueError("bfloat16 needs bf16 matmul, which MindSpore's CPU backend lacks: use float32 or "
                              "float16 on CPU, bfloat16 on Ascend")
@@ -215,13 +237,14 @@ class FluxPipeline:
             text_encoder_2=load_text_encoder(T5EncoderModel, root / "text_encoder_2", mindspore_dtype),
             tokenizer_2=T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"), local_files_only=True),
             transformer=transformer,
+            token_split=token_split,
         )
 
     def compiled_graphs(self) -> int:
         """Graphs compiled so far by all components, one per (cell, input signature). Lets a caller check
         that a new threshold, Taylor order or repeated call compiled nothing (benchmarks report it)."""
         cells = [self.text_encoder, self.text_encoder_2, self.transformer, self.vae,
-                 *self._cached_transformers.values()]
+                 *self._cached_transformers.values(), *self._parallel_forwards.values()]
         return sum(len(cell.compile_cache) for cell in cells)
 
     # ----- text -----
@@ -263,11 +286,12 @@ class FluxPipeline:
         branch's context is built with the cond one as `leader` (used when `cache.sync_cfg_branches`)."""
         key = (branch, batch, image_tokens, text_tokens, cache.fn_compute_blocks, cache.bn_compute_blocks)
         if key not in self._cached_transformers:
-            context = CacheContext(batch, image_tokens, self.transformer.inner_dim,
+            ranks = 1 if self.token_split is None else self.token_split.ranks
+            context = CacheContext(batch, image_tokens // ranks, self.transformer.inner_dim,
                                    dtype=self.dtype,
                                    fn_compute_blocks=cache.fn_compute_blocks,
-                                   bn_compute_blocks=cache.bn_compute_blocks, text_seq_len=text_tokens,
-                                   leader=leader)
+                                   bn_compute_blocks=cache.bn_compute_blocks, text_seq_len=text_tokens // ranks,
+                                   leader=leader, context_parallel=ranks > 1)
             self._cached_transformers[key] = FBCachedTransformer(self.transformer, context)
         cached = self._cached_transformers[key]
         cached.context.configure(**cache.runtime_settings(follower=leader is not None))
@@ -314,6 +338,11 @@ class FluxPipeline:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         if seed is not None and not 0 <= seed < 2 ** 64:
             raise ValueError(f"seed must lie in [0, 2**64 - 1] (or None for fresh noise), got {seed}")
+        if self.token_split is not None:
+            self.token_split.check((height // multiple) * (width // multiple), f"the image tokens ({height}x{width} "
+                                   f"/ {multiple}^2)", "choose a height and width whose token count it divides")
+            self.token_split.check(max_sequence_length, "the text tokens (max_sequence_length)",
+                                   "choose a max_sequence_length it divides")
         self.check_guidance(true_cfg_scale, negative_prompts is not None, guidance_scale)
 
     def check_guidance(self, true_cfg_scale: float, has_negative_prompt: bool, guidance_scale: Optional[float]) -> None:
@@ -410,7 +439,8 @@ class FluxPipeline:
         negative_prompts_2 = as_prompt_list(negative_prompt_2, "negative_prompt_2") or negative_prompts
         check_one_each("prompt_2", prompts_2, "prompt", prompts)
         check_one_each("negative_prompt_2", negative_prompts_2, "negative_prompt", negative_prompts)
-        self.check_inputs(prompt_count, negative_prompts, height, width, num_inference_steps, max_sequence_length,
+        text_tokens = max_sequence_length if prompt_embeds is None else prompt_embeds.shape[1]
+        self.check_inputs(prompt_count, negative_prompts, height, width, num_inference_steps, text_tokens,
                           num_images_per_prompt, true_cfg_scale, guidance_scale, seed)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
@@ -431,7 +461,7 @@ class FluxPipeline:
         latents_ms = self.denoise(ms.Tensor(packed).astype(self.dtype), timesteps, branches, forwards, image_ids,
                                   self.guidance_input(batch, guidance_scale), true_cfg_scale, callback, progress)
 
-        summaries = {name: forward.context.summary() for name, forward in forwards.items() if cache is not None}
+        summaries = {name: cache_context(forward).summary() for name, forward in forwards.items() if cache is not None}
         if output_type == "latent":
             return FluxPipelineOutput(images=list(latents_ms.asnumpy()), cache_summaries=summaries)
         images = self.decode(latents_ms, latent_height, latent_width)
@@ -441,13 +471,20 @@ class FluxPipeline:
     def branch_forwards(self, branches: Branches, batch: int, image_tokens: int,
                         cache: Optional[FBCacheConfig]) -> Dict[str, nn.Cell]:
         """The transformer each CFG branch runs: the plain one, or its persistent cached wrapper (the
-        uncond branch's context led by the cond one)."""
+        uncond branch's context led by the cond one); under context parallel, wrapped to split and gather."""
         forwards = {}
         for name, (_, _, text_ids) in branches.items():
-            leader = forwards["cond"].context if name == "uncond" and cache is not None else None
-            forwards[name] = self.transformer if cache is None else self.cached_transformer(
+            leader = cache_context(forwards["cond"]) if name == "uncond" and cache is not None else None
+            forward = self.transformer if cache is None else self.cached_transformer(
                 name, batch, image_tokens, text_ids.shape[0], cache, leader)
+            forwards[name] = forward if self.token_split is None else self.parallel_forward(forward)
         return forwards
+
+    def parallel_forward(self, forward: nn.Cell) -> ContextParallelForward:
+        """The persistent context-parallel wrapper of a forward."""
+        if id(forward) not in self._parallel_forwards:
+            self._parallel_forwards[id(forward)] = ContextParallelForward(forward, self.token_split)
+        return self._parallel_forwards[id(forward)]
 
     def denoise(self, latents: ms.Tensor, timesteps: ms.Tensor, branches: Branches, forwards: Dict[str, nn.Cell],
                 image_ids: ms.Tensor, guidance: Optional[ms.Tensor], true_cfg_scale: float,
@@ -483,9 +520,8 @@ class FluxPipeline:
 
     @staticmethod
     def _step_cached(forward, step: int) -> bool:
-        if not isinstance(forward, FBCachedTransformer):
-            return False
-        return bool(forward.context.stats_cached.asnumpy()[step])
+        context = cache_context(forward)
+        return False if context is None else bool(context.stats_cached.asnumpy()[step])
 
     def decode(self, packed: ms.Tensor, latent_height: int, latent_width: int) -> np.ndarray:
         """Packed latents -> images (batch, H, W, 3) in [0, 1], undoing the VAE's scale and shift."""

@@ -152,6 +152,10 @@ class CacheContext(nn.Cell):
     `residual_diff_threshold <= 0` never caches: every step is computed (still recording the diffs).
     Limits use -1 for "no limit". `fn_compute_blocks` blocks always run before the probe and
     `bn_compute_blocks` always run at the end; the blocks between them are cached.
+
+    `context_parallel=True` (under msrun, see models/context_parallel.py): `seq_len` and `text_seq_len` are
+    this rank's shares, the buffers hold only those, and the diff's two sums are all-reduced over the ranks,
+    so every rank takes the same decision on the same number as one process would.
     """
 
     _instances = 0
@@ -166,7 +170,7 @@ class CacheContext(nn.Cell):
                  max_stats_steps: int = DEFAULT_MAX_STATS_STEPS, forecast_space: str = _DEFAULTS.forecast_space,
                  verify_forecast: bool = _DEFAULTS.verify_forecast, skip_probe_steps: int = _DEFAULTS.skip_probe_steps,
                  skips_after_compute: int = _DEFAULTS.skips_after_compute, follow_leader: bool = False,
-                 leader: Optional["CacheContext"] = None):
+                 leader: Optional["CacheContext"] = None, context_parallel: bool = False):
         super().__init__()
         if leader is not None and not isinstance(leader, CacheContext):
             raise ValueError(f"leader: expected the CacheContext of the branch run first, got {type(leader).__name__}")
@@ -186,6 +190,8 @@ class CacheContext(nn.Cell):
         self.fn_compute_blocks, self.bn_compute_blocks = int(fn_compute_blocks), int(bn_compute_blocks)
         self.dtype = dtype
         self.max_stats_steps = int(max_stats_steps)
+        check_flag("context_parallel", context_parallel)
+        self.sum_over_ranks = ops.AllReduce() if context_parallel else None
 
         self.forecaster = NewtonForecaster((batch_size, seq_len, inner_dim), dtype)
         # sum|probe residual| of the last computed step, taken once on the miss that stores it.
@@ -291,8 +297,15 @@ class CacheContext(nn.Cell):
         reference = self.forecaster.last_probe()
         if self.verify > 0:
             reference = self.forecaster.probe_at(position)
-        diff = _sum_abs(residual.astype(ms.float32) - reference) / self.prev_residual_norm
+        diff = self._total_abs(residual.astype(ms.float32) - reference) / self.prev_residual_norm
         return ops.select(self.has_prev > 0, diff, ops.fill(ms.float32, (), float("nan")))
+
+    def _total_abs(self, x: Tensor) -> Tensor:
+        """sum|x| over this rank's tokens, or over all ranks' tokens under context parallel."""
+        total = _sum_abs(x)
+        if self.sum_over_ranks is not None:
+            total = self.sum_over_ranks(total)
+        return total
 
     def _guards_allow(self) -> Tensor:
         warmed_up = self.step >= self.warmup_steps
@@ -334,7 +347,7 @@ class CacheContext(nn.Cell):
     def update_on_miss(self, probe_residual: Tensor, middle_residual: Tensor, text_residual: Tensor,
                        position: Tensor) -> Tensor:
         """A computed step: store the probe residual (only here, as diffusers does) and the factors."""
-        ops.assign(self.prev_residual_norm, _sum_abs(probe_residual.astype(self.dtype).astype(ms.float32)))
+        ops.assign(self.prev_residual_norm, self._total_abs(probe_residual.astype(self.dtype).astype(ms.float32)))
         ops.assign(self.has_prev, ops.ones((), ms.int32))
         if self.bn_compute_blocks > 0:
             ops.assign(self.text_residual, text_residual.astype(self.dtype))

@@ -24,9 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from cache_config import check_block_split  # noqa: E402
-from eval.cli_common import (DEVICE_TARGETS, DTYPE_NAMES, MAX_SEQUENCE_LENGTH, add_cache_arguments,  # noqa: E402
-                             cache_config_from_args, check_count, check_dtype_device, check_image_size, check_seed,
-                             quiet_imports)
+from eval.cli_common import (DEVICE_TARGETS, DTYPE_NAMES, MAX_SEQUENCE_LENGTH, SIZE_MULTIPLE,  # noqa: E402
+                             add_cache_arguments, cache_config_from_args, check_count, check_dtype_device,
+                             check_image_size, check_seed, quiet_imports)
 from eval.device_check import check_device_target  # noqa: E402
 from models.demo_configs import TRANSFORMER_CONFIGS  # noqa: E402
 from models.embedded import EMBEDDED, SHIPPED_PIPELINE, TRAINED, generation_defaults  # noqa: E402
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--device_target", choices=DEVICE_TARGETS, default="CPU")
+    parser.add_argument("--context_parallel", type=int, default=1, metavar="N",
+                        help="split each image's tokens over the N workers of an msrun launch (msrun --worker_num N "
+                             "--local_worker_num N --join True eval/run_flux_withFBCache_pipeline.py ...); the image "
+                             "and text token counts must divide by N; rank 0 writes the PNGs")
     parser.add_argument("--mindone_models", action="store_true",
                         help="mindone's FluxTransformer2DModel and AutoencoderKL (Ascend) instead of the portable "
                              "models")
@@ -126,6 +130,25 @@ def check_setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--no_cache and --compare_baseline exclude each other")
 
 
+def check_context_parallel(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The split must give every rank an equal share of the image and text tokens."""
+    ranks = args.context_parallel
+    check_count(parser, "--context_parallel", ranks)
+    if ranks == 1:
+        return
+    if args.mindone_models:
+        parser.error("--context_parallel needs the portable models (their attention gathers keys and values "
+                     "across ranks); drop --mindone_models")
+    image_tokens = (args.image_size[0] // SIZE_MULTIPLE) * (args.image_size[1] // SIZE_MULTIPLE)
+    if image_tokens % ranks:
+        parser.error(f"--context_parallel {ranks}: --image_size {args.image_size[0]} {args.image_size[1]} gives "
+                     f"{image_tokens} image tokens, which {ranks} ranks cannot share equally; choose a size whose "
+                     f"token count (H/16 * W/16) divides by {ranks}")
+    if args.max_sequence_length is not None and args.max_sequence_length % ranks:
+        parser.error(f"--context_parallel {ranks}: --max_sequence_length {args.max_sequence_length} does not divide "
+                     f"by {ranks}; choose a multiple of {ranks}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check every argument; nothing here imports MindSpore."""
     parser = build_parser()
@@ -134,6 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     config = transformer_config(args)
     check_setup(parser, args)
     check_generation(parser, args, config)
+    check_context_parallel(parser, args)
     args.cache = cache_config_from_args(parser, args)
     blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)
     if blocks and not args.no_cache:
@@ -224,7 +248,7 @@ def load_pipeline(args: argparse.Namespace):
         print(f"Using the embedded demo checkpoint {folder}: RANDOM weights, not FLUX.1 (give --ckpt for real "
               "images).", flush=True)
     return FluxPipeline.from_pretrained(str(folder), mindspore_dtype=DTYPES[args.dtype],
-                                        use_mindone_models=args.mindone_models)
+                                        use_mindone_models=args.mindone_models, context_parallel=args.context_parallel)
 
 
 def print_summaries(summaries: dict, verbose: bool) -> None:
@@ -254,6 +278,8 @@ def main(argv=None) -> None:
     for label, cache in runs:
         output, times[label] = generate(pipeline, args, cache, label, args.num_inference_steps)
         print_summaries(output.cache_summaries, args.verbose)
+        if pipeline.token_split is not None and pipeline.token_split.rank > 0:
+            continue  # every rank holds the whole image; rank 0 writes it
         for index, image in enumerate(output.images):
             print(f"wrote {save_image(image, args.save_path / f'{label}_{index}.png', args.overwrite)}")
     if len(times) == 2:

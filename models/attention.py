@@ -99,6 +99,8 @@ class FluxAttention(nn.Cell):
         super().__init__()
         inner_dim = heads * head_dim
         self.heads = heads
+        # Set by models.context_parallel.enable_context_parallel: gathers keys and values across ranks.
+        self.gather_tokens = None
         self.use_fused_attention = fused_attention_available()
         self.rotary_partners = rotary_partners(head_dim)
         self.norm_q = RMSNorm(head_dim, eps)
@@ -133,6 +135,8 @@ class FluxAttention(nn.Cell):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, self.rotary_partners)
             key = apply_rotary_emb(key, image_rotary_emb, self.rotary_partners)
+        if self.gather_tokens is not None:
+            key, value = self.gather_tokens(key), self.gather_tokens(value)
         out = scaled_dot_product_attention(query, key, value, self.use_fused_attention)
         out = out.swapaxes(1, 2).reshape(out.shape[0], out.shape[2], -1)
         if not self.joint:
