@@ -117,6 +117,11 @@ DEMO = ["--demo_config", "demo"]
     (["--seed", "-1"], "--seed must lie in [0, 2**64 - 1]"),
     (["--max_sequence_length", "513"], "--max_sequence_length must lie in [1, 512]"),
     (["--num_images_per_prompt", "0"], "--num_images_per_prompt must lie in [1, 2147483647]"),
+    # Context parallel: every rank needs an equal share of the image and text tokens.
+    (["--context_parallel", "0"], "--context_parallel must lie in [1, 2147483647]"),
+    (["--context_parallel", "3"], "gives 64 image tokens, which 3 ranks cannot share equally"),
+    (["--context_parallel", "2", "--max_sequence_length", "31"], "--max_sequence_length 31 does not divide by 2"),
+    (["--context_parallel", "2", "--mindone_models", "--device_target", "Ascend"], "needs the portable models"),
 ])
 def test_bad_arguments_are_refused_before_any_work(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -129,6 +134,13 @@ def test_unwritable_save_path_is_refused_before_loading(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match="cannot write to --save_path"):
         cli.main(["--save_path", str(blocker / "images"), *FAST])
+
+
+def test_context_parallel_outside_msrun_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.delenv("MS_ROLE", raising=False)
+    result = run_cli("--context_parallel", "2", "--save_path", tmp_path, *FAST, timeout=300)
+    assert result.returncode != 0 and "needs a launch by msrun" in result.stderr, result.stderr[-3000:]
+    assert not list(tmp_path.iterdir())
 
 
 def test_missing_checkpoint_folder_exits_nonzero_without_output(tmp_path):
