@@ -4,7 +4,8 @@
     msrun --worker_num 2 --local_worker_num 2 --join True tests/context_parallel_job.py --out DIR --ranks 2
 
 Each rank writes `DIR/rank<r>.npz`: for every setting the float image (before rounding to 8 bits, so
-differences of 1e-6 are visible) and each CFG branch's per-step diffs and decisions. tests/
+differences of 1e-6 are visible), each CFG branch's per-step diffs and decisions, and the number of
+graphs compiled. tests/
 test_context_parallel.py compares a 2-rank launch with one process; a user can run the same check on
 their own devices.
 """
@@ -59,6 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for branch, summary in output.cache_summaries.items():
             arrays[f"{name}/{branch}/diffs"] = np.asarray(summary["diffs"])
             arrays[f"{name}/{branch}/cached"] = np.asarray(summary["cached"])
+    arrays["compiled_graphs"] = np.asarray(pipeline.compiled_graphs())
     rank = 0 if pipeline.token_split is None else pipeline.token_split.rank
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez(args.out / f"rank{rank}.npz", **arrays)

@@ -63,6 +63,14 @@ def test_every_rank_takes_the_single_process_decisions(runs, setting):
 
 
 @pytest.mark.slow
+def test_the_split_compiles_as_many_graphs_as_one_process(runs):
+    """One wrapper graph per forward (the wrapped transformer compiles inside it, not again on its own)."""
+    single = int(runs["one"][0]["compiled_graphs"])
+    assert single > 0
+    assert [int(runs["two"][rank]["compiled_graphs"]) for rank in (0, 1)] == [single, single]
+
+
+@pytest.mark.slow
 def test_a_launch_with_another_worker_count_is_refused(tmp_path):
     launch = run_msrun(JOB, ["--out", tmp_path / "out", "--ranks", 4, "--steps", 1], 2, tmp_path / "logs",
                        timeout=300)
