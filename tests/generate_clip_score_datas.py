@@ -10,9 +10,13 @@ skipped (a run can be resumed or extended with more settings), and every PNG is 
 temporary name and renamed, so an interrupted run leaves no partial image.
 
 Launched by MindSpore's `msrun` (e.g. `msrun --worker_num 8 --local_worker_num 8 tests/generate_clip_score_datas.py
-...`), each worker takes the device of its local rank and the prompts rank, rank + size, ...;
-a plain process generates every prompt. Without --ckpt it uses the shipped emoji-world Flux
-(assets/flux-emoji) on its 32 held-out prompts (`--prompt_set emoji_heldout`), with true CFG.
+...`), each worker takes the device of its local rank and the prompt indices rank, rank + size,
+rank + 2*size, ... (size = the number of workers; `shard`) in every setting and size, so each image is
+made by exactly one worker; rank 0 writes the manifest, and each generation_log.jsonl record names the
+rank that made its image. A plain process is rank 0 of 1: it generates every prompt.
+
+Without --ckpt it uses the shipped emoji-world Flux (assets/flux-emoji) on its 32 held-out prompts
+(`--prompt_set emoji_heldout`), with true CFG.
 """
 
 import argparse
@@ -207,17 +211,19 @@ def cached_steps(summaries: dict) -> str:
                    + (f" ({branch})" if len(summaries) > 1 else "") for branch, summary in summaries.items())
 
 
-def log_generation(path: Path, seconds: float, summaries: dict) -> None:
+def log_generation(path: Path, seconds: float, summaries: dict, rank: int = 0) -> None:
     """One JSON line per image in `<setting>/<HxW>/generation_log.jsonl`: wall time (the first image of a
-    setting includes its graph compilation) and steps cached per CFG branch, for speed tables."""
+    setting includes its graph compilation), steps cached per CFG branch, for speed tables, and the rank
+    that made it (0 in a plain process). Workers append to the same log, one whole line per write."""
     record = {"image": path.name, "seconds": round(seconds, 4),
-              "steps_cached": {branch: summary["steps_cached"] for branch, summary in summaries.items()}}
+              "steps_cached": {branch: summary["steps_cached"] for branch, summary in summaries.items()},
+              "rank": rank}
     with open(path.parent / GENERATION_LOG, "a") as log:
         log.write(json.dumps(record) + "\n")
 
 
 def generate(pipeline: FluxPipeline, args: argparse.Namespace, manifest: dict,
-             tasks: Sequence[Tuple[CacheSetting, Resolution, int, Path]]) -> None:
+             tasks: Sequence[Tuple[CacheSetting, Resolution, int, Path]], rank: int = 0) -> None:
     text_features = {}  # prompt index -> (T5, pooled CLIP) features: encoded once, shared by every setting and size
     text_tokens = args.max_sequence_length or pipeline.default_sequence_length()
     for number, (setting, (height, width), index, path) in enumerate(tasks, start=1):
@@ -235,7 +241,7 @@ def generate(pipeline: FluxPipeline, args: argparse.Namespace, manifest: dict,
         seconds = time.perf_counter() - started
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda partial: output.images[0].save(partial, format="PNG"))
-        log_generation(path, seconds, output.cache_summaries)
+        log_generation(path, seconds, output.cache_summaries, rank)
         print(f"[{number}/{len(tasks)}] {setting.name} {height}x{width} {path.name}: "
               f"{seconds:.2f} s{cached_steps(output.cache_summaries)}", flush=True)
 
@@ -258,7 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if pending:
         pipeline = FluxPipeline.from_pretrained(str(args.ckpt or embedded_checkpoint()),
                                                 mindspore_dtype=DTYPES[args.dtype])
-        generate(pipeline, args, manifest, pending)
+        generate(pipeline, args, manifest, pending, rank)
 
 
 if __name__ == "__main__":

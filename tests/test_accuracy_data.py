@@ -403,8 +403,9 @@ GENERATE = TESTS_DIR / "generate_clip_score_datas.py"
 SCORE = TESTS_DIR / "flux_accuracy_test.py"
 # 2 steps, the second cached: a random-weight model's first-block diffs are ~0.6-0.9 (README), below 1.5.
 CACHED = "fbcache_1.5"
-GENERATE_ARGS = ["--prompt_set", "smoke", "--num_prompts", "2", "--settings", "baseline", "--thresholds", "1.5",
-                 "--image_size", "64x64", "--num_inference_steps", "2", "--max_sequence_length", "16"]
+SMALL_JOB_ARGS = ["--prompt_set", "smoke", "--settings", "baseline", "--thresholds", "1.5", "--image_size", "64x64",
+                  "--num_inference_steps", "2", "--max_sequence_length", "16"]   # all 4 prompts unless --num_prompts
+GENERATE_ARGS = ["--num_prompts", "2", *SMALL_JOB_ARGS]
 
 
 def run_script(script: Path, *args) -> subprocess.CompletedProcess:
