@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+# msrun is installed beside the interpreter (by the mindspore package of requirements.txt).
+MSRUN = Path(sys.executable).parent / "msrun"
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -15,7 +18,7 @@ def free_port() -> int:
 
 
 def msrun_command(script: Path, args: Sequence[str], workers: int, log_dir: Path) -> list:
-    return [str(Path(sys.executable).parent / "msrun"), "--worker_num", str(workers), "--local_worker_num", str(workers), "--master_port",
+    return [str(MSRUN), "--worker_num", str(workers), "--local_worker_num", str(workers), "--master_port",
             str(free_port()), "--log_dir", str(log_dir), "--join", "True", str(script), *map(str, args)]
 
 

@@ -21,9 +21,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,12 +35,10 @@ from PIL import Image
 import generate_clip_score_datas as generate
 from accuracy_data import DEFAULT_SEED, PROMPT_SETS
 from models.demo_checkpoint import write_pipeline_checkpoint
+from msrun_launch import MSRUN, msrun_command, msrun_env, worker_log
 from test_accuracy_data import CACHED, GENERATE, SMALL_JOB_ARGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# msrun starts `python <script>` from PATH: this interpreter's bin folder goes first.
-VENV_BIN = Path(sys.executable).parent
-MSRUN = VENV_BIN / "msrun"
 WORKERS = 2
 NUM_PROMPTS = 3   # shares of unequal size, and told apart from contiguous blocks: rank 0 makes 0 and 2, rank 1 makes 1
 JOB_ARGS = ["--num_prompts", str(NUM_PROMPTS), *SMALL_JOB_ARGS]
@@ -92,29 +88,16 @@ def log_records(out: Path) -> List[Tuple[Key, dict]]:
     return records
 
 
-def worker_log(log_dir: Path, rank: int) -> str:
-    return (log_dir / f"worker_{rank}.log").read_text()
-
-
 def generated_by(log_dir: Path, rank: int) -> List[Key]:
     """The images a worker's log says it generated, in order ('[n/N] setting HxW 00000.png: ...')."""
     return [(setting, int(index)) for setting, size, index in GENERATED_LINE.findall(worker_log(log_dir, rank))
             if size == RESOLUTION]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_msrun(checkpoint: Path, out: Path, log_dir: Path) -> subprocess.Popen:
-    command = [str(MSRUN), "--worker_num", str(WORKERS), "--local_worker_num", str(WORKERS), "--master_port",
-               str(free_port()), "--log_dir", str(log_dir), "--join", "True", str(GENERATE), "--ckpt",
-               str(checkpoint), "--out", str(out), *JOB_ARGS]
-    env = dict(os.environ, PATH=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]))
+    command = msrun_command(GENERATE, ["--ckpt", checkpoint, "--out", out, *JOB_ARGS], WORKERS, log_dir)
     with open(log_dir.with_name(log_dir.name + ".out"), "w") as output:   # msrun's own output
-        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=msrun_env(), stdout=output, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
