@@ -20,7 +20,6 @@ graph (NaN latents at step 0). These tests do not use it.
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -35,10 +34,9 @@ from PIL import Image
 import generate_clip_score_datas as generate
 from accuracy_data import DEFAULT_SEED, PROMPT_SETS
 from models.demo_checkpoint import write_pipeline_checkpoint
-from msrun_launch import MSRUN, msrun_command, msrun_env, worker_log
+from msrun_launch import MSRUN, kill_tree, start_msrun, worker_log
 from test_accuracy_data import CACHED, GENERATE, SMALL_JOB_ARGS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
 NUM_PROMPTS = 3   # shares of unequal size, and told apart from contiguous blocks: rank 0 makes 0 and 2, rank 1 makes 1
 JOB_ARGS = ["--num_prompts", str(NUM_PROMPTS), *SMALL_JOB_ARGS]
@@ -94,29 +92,8 @@ def generated_by(log_dir: Path, rank: int) -> List[Key]:
             if size == RESOLUTION]
 
 
-def start_msrun(checkpoint: Path, out: Path, log_dir: Path) -> subprocess.Popen:
-    command = msrun_command(GENERATE, ["--ckpt", checkpoint, "--out", out, *JOB_ARGS], WORKERS, log_dir)
-    with open(log_dir.with_name(log_dir.name + ".out"), "w") as output:   # msrun's own output
-        return subprocess.Popen(command, cwd=REPO_ROOT, env=msrun_env(), stdout=output, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL msrun and every process under it (the workers are in sessions of their own)."""
-    try:
-        tree = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    for member in tree:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)   # msrun, its scheduler and its `tail -f`s
-    except ProcessLookupError:
-        pass
-    process.wait()
+def start_generation(checkpoint: Path, out: Path, log_dir: Path) -> subprocess.Popen:
+    return start_msrun(GENERATE, ["--ckpt", checkpoint, "--out", out, *JOB_ARGS], WORKERS, log_dir)
 
 
 def logs(log_dir: Path) -> str:
@@ -137,7 +114,7 @@ def wait_for(process: subprocess.Popen, log_dir: Path) -> int:
 
 
 def run_msrun(checkpoint: Path, out: Path, log_dir: Path) -> None:
-    process = start_msrun(checkpoint, out, log_dir)
+    process = start_generation(checkpoint, out, log_dir)
     assert wait_for(process, log_dir) == 0, logs(log_dir)
 
 
@@ -236,7 +213,7 @@ VICTIM = 1   # its first image, the baseline, is followed by the cached setting'
 def test_msrun_resumes_after_a_worker_is_killed(checkpoint, msrun_run, tmp_path):
     out, first_logs, second_logs = tmp_path / "images", tmp_path / "logs_killed", tmp_path / "logs_resumed"
     victim_images = [image_path(out, image) for image in sorted(images_of(VICTIM))]
-    process = start_msrun(checkpoint, out, first_logs)
+    process = start_generation(checkpoint, out, first_logs)
     try:
         deadline = time.monotonic() + MSRUN_TIMEOUT
         while not any(path.is_file() for path in victim_images):
