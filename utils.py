@@ -115,17 +115,13 @@ class NewtonForecaster(nn.Cell):
         return self._value(self.middle_divided_differences, position)
 
     def _value(self, differences: ParameterTuple, position: Tensor) -> Tensor:
-        """The interpolating polynomial (valid orders only) at `position`, in fp32.
-
-        Each higher-order term sits in a graph branch taken only when that order holds data, so a hit at
-        order 0 (or early in a generation) reads one buffer, not four: weighting the invalid terms by 0
-        instead cost three multiply-adds over the whole residual per hit."""
+        """The interpolating polynomial (valid orders only) at `position`, in fp32."""
         distance = ops.ones((), ms.float32)
         total = differences[0].astype(ms.float32)
         for order in range(1, MAX_TAYLOR_ORDER + 1):
             distance = distance * (position - self.nodes[order - 1])
-            if order < self.valid_orders:
-                total = total + differences[order].astype(ms.float32) * distance
+            weight = ops.select(order < self.valid_orders, distance, ops.zeros((), ms.float32))
+            total = total + differences[order].astype(ms.float32) * weight
         return total
 
     def _update(self, differences: ParameterTuple, value: Tensor, position: Tensor, order: Tensor) -> None:

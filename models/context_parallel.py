@@ -30,14 +30,10 @@ class TokenSplit:
     ranks: int
 
     def check(self, tokens: int, what: str, fix: str) -> None:
-        check_token_split(self.ranks, tokens, what, fix)
-
-
-def check_token_split(ranks: int, tokens: int, what: str, fix: str) -> None:
-    """Equal shares or none: a remainder would need padding and masks that attention here does not have."""
-    if tokens % ranks:
-        raise ValueError(f"context parallel over {ranks} ranks needs {what} divisible by {ranks}, got {tokens}: "
-                         f"{fix}")
+        """Equal shares or none: a remainder would need padding and masks that attention here lacks."""
+        if tokens % self.ranks:
+            raise ValueError(f"context parallel over {self.ranks} ranks needs {what} divisible by {self.ranks}, "
+                             f"got {tokens}: {fix}")
 
 
 def join_msrun(ranks: int) -> TokenSplit:
