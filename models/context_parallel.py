@@ -11,8 +11,9 @@ Text is split too rather than replicated: at FLUX.1's 1024x1024 (4096 image, 512
 ranks, replicated text would be 512 of every rank's 1024 tokens, doubling the token-local work.
 
 AllGather, not Ulysses' AlltoAll: MindSpore's CPU collectives run AllGather and AllReduce but not AlltoAll
-(measured with MindSpore 2.10.0 under `msrun --worker_num 2`), and with a few ranks the all-gather moves
-no more than (N-1)/N of the keys and values per layer either way.
+(measured with MindSpore 2.10.0 under `msrun --worker_num 2`). Per layer each rank receives 2(N-1)/N of
+the layer's activations (keys and values), Ulysses 4(N-1)/N^2 (queries, keys, values, output): equal at
+N = 2, 4x more at N = 8, where an AlltoAll path on HCCL would move less.
 """
 
 import os
