@@ -18,7 +18,7 @@ N = 2, 4x more at N = 8, where an AlltoAll path on HCCL would move less.
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from mindspore import Tensor, nn, ops
 
@@ -37,29 +37,37 @@ class TokenSplit:
                              f"got {tokens}: {fix}")
 
 
+def join_msrun_cluster(device_target: str) -> Tuple[int, int]:
+    """(rank, workers) of this process in the msrun launch it runs in (MS_ROLE set), after joining it.
+
+    Each worker takes the device of its local rank (msrun exports DEVICE_ID). msrun also runs the script as
+    its scheduler (MS_ROLE=MS_SCHED), whose init() serves the cluster and exits the process.
+    """
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    if os.environ.get("MS_ROLE") == "MS_WORKER":
+        ms.set_device(device_target, int(os.environ["DEVICE_ID"]))
+    init()
+    return get_rank(), get_group_size()
+
+
 def join_msrun(ranks: int) -> TokenSplit:
     """Join the msrun cluster this process was launched in and check that it has `ranks` workers.
 
     msrun sets MS_ROLE in every process it starts; without it there is nobody to split with, which is
-    refused rather than run as a single rank (the user asked for N devices' worth of speed). Each worker
-    takes the device of its local rank (msrun exports DEVICE_ID). msrun also runs the script as its
-    scheduler (MS_ROLE=MS_SCHED), whose init() serves the cluster and exits the process.
+    refused rather than run as a single rank (the user asked for N devices' worth of speed).
     """
-    role = os.environ.get("MS_ROLE")
-    if role is None:
+    if os.environ.get("MS_ROLE") is None:
         raise ValueError(f"context parallel over {ranks} ranks needs a launch by msrun, e.g. `msrun --worker_num "
                          f"{ranks} --local_worker_num {ranks} --join True <script> ...`; without msrun use 1")
     import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
 
-    if role == "MS_WORKER":
-        ms.set_device(ms.get_context("device_target"), int(os.environ.get("DEVICE_ID", "0")))
-    init()
-    world = get_group_size()
+    rank, world = join_msrun_cluster(ms.get_context("device_target"))
     if world != ranks:
         raise ValueError(f"context parallel over {ranks} ranks, but msrun started {world} workers: launch with "
                          f"--worker_num {ranks} or pass {world}")
-    return TokenSplit(get_rank(), world)
+    return TokenSplit(rank, world)
 
 
 class GatherTokens(nn.Cell):

@@ -36,6 +36,7 @@ import mindspore as ms  # noqa: E402
 
 from eval.cli_common import DEVICE_TARGETS, DTYPE_NAMES, SIZE_MULTIPLE, check_dtype_device  # noqa: E402
 from eval.run_flux_withFBCache_pipeline import check_writable  # noqa: E402
+from models.context_parallel import join_msrun_cluster  # noqa: E402
 from models.embedded import embedded_checkpoint, generation_defaults  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
 from pipeline_flux import DTYPES, MAX_SEQUENCE_LENGTH, FluxPipeline  # noqa: E402
@@ -180,18 +181,11 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def distributed_rank(device_target: str) -> Tuple[int, int]:
-    """(rank, group size). Under msrun (or a dynamic-cluster launch) MS_ROLE is set: workers take the
-    device of their local rank (msrun exports it as DEVICE_ID) and join the cluster. msrun also runs
-    this script as its scheduler (MS_ROLE=MS_SCHED), whose init() serves the cluster and exits."""
-    role = os.environ.get("MS_ROLE")
-    if role is None:
+    """(rank, group size): joined to the cluster under msrun (MS_ROLE set, see `join_msrun_cluster`), 0 of 1
+    in a plain process."""
+    if os.environ.get("MS_ROLE") is None:
         return 0, 1
-    from mindspore.communication import get_group_size, get_rank, init
-
-    if role == "MS_WORKER":
-        ms.set_device(device_target, int(os.environ["DEVICE_ID"]))
-    init()
-    return get_rank(), get_group_size()
+    return join_msrun_cluster(device_target)
 
 
 def shard(indices: Sequence[int], rank: int, size: int) -> List[int]:
