@@ -125,6 +125,15 @@ class FluxAttention(nn.Cell):
 
     def construct(self, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                   image_rotary_emb: Optional[RotaryEmbedding] = None):
+        if not self.joint:
+            return self.attend(hidden_states, None, image_rotary_emb)
+        image_out, text_heads = self.attend(hidden_states, encoder_hidden_states, image_rotary_emb)
+        return image_out, self.to_add_out(text_heads)
+
+    def attend(self, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+               image_rotary_emb: Optional[RotaryEmbedding] = None):
+        """`construct` without the text output projection `to_add_out` (joint attention): returns the image
+        output and the text tokens' attention output before it, which a cached hit step never reads."""
         query = self.norm_q(self._heads(self.to_q(hidden_states)))
         key = self.norm_k(self._heads(self.to_k(hidden_states)))
         value = self._heads(self.to_v(hidden_states))
@@ -142,6 +151,4 @@ class FluxAttention(nn.Cell):
         if not self.joint:
             return out
         text_tokens = encoder_hidden_states.shape[1]
-        text_out = self.to_add_out(out[:, :text_tokens])
-        image_out = self.to_out[0](out[:, text_tokens:])
-        return image_out, text_out
+        return self.to_out[0](out[:, text_tokens:]), out[:, :text_tokens]

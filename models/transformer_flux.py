@@ -27,6 +27,9 @@ from .loading import load_pretrained
 
 FP16_MAX = 65504.0
 REQUIRED_CONFIG_KEYS = ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads")
+# A double-stream block's text stream after attention: the text tokens' attention output (before `to_add_out`)
+# and four modulation vectors.
+TextUpdate = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def clip_fp16(x: Tensor) -> Tensor:
@@ -49,7 +52,14 @@ def check_call_options(joint_attention_kwargs: Optional[Dict[str, Any]], return_
 
 
 class FluxTransformerBlock(nn.Cell):
-    """Double-stream block: image and text keep separate weights and attend jointly."""
+    """Double-stream block: image and text keep separate weights and attend jointly.
+
+    The block is two named steps, `image_stream` (attention and the image update) and `text_stream` (the
+    text update after attention), so that the cached forward can leave the second out of a step that never
+    reads the text output: a hit step with no Bn blocks. On the `mid` model at 512x512 that is 3 of the
+    hit's 25 matmuls and the text output projection (measured 20 ms of a 376 ms hit against a 333 ms
+    ideal, MindSpore profiler on CPU).
+    """
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int):
         super().__init__()
@@ -65,20 +75,30 @@ class FluxTransformerBlock(nn.Cell):
                   image_rotary_emb: Optional[RotaryEmbedding] = None,
                   joint_attention_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[Tensor, Tensor]:
         check_call_options(joint_attention_kwargs)
+        hidden_states, text_update = self.image_stream(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+        return self.text_stream(encoder_hidden_states, text_update), hidden_states
+
+    def image_stream(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+                     image_rotary_emb: Optional[RotaryEmbedding] = None) -> Tuple[Tensor, TextUpdate]:
+        """The block's image output, and what `text_stream` needs to finish the text output."""
         norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
         norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
             encoder_hidden_states, temb
         )
-        attn_output, context_attn_output = self.attn(norm_hidden, norm_context, image_rotary_emb)
+        attn_output, context_attention = self.attn.attend(norm_hidden, norm_context, image_rotary_emb)
 
         hidden_states = hidden_states + gate_msa[:, None] * attn_output
         norm_hidden = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         hidden_states = hidden_states + gate_mlp[:, None] * self.ff(norm_hidden)
+        return hidden_states, (context_attention, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp)
 
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * context_attn_output
+    def text_stream(self, encoder_hidden_states: Tensor, text_update: TextUpdate) -> Tensor:
+        """The block's text output from its text input and `image_stream`'s `text_update`."""
+        context_attention, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = text_update
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * self.attn.to_add_out(context_attention)
         norm_context = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * self.ff_context(norm_context)
-        return clip_fp16(encoder_hidden_states), hidden_states
+        return clip_fp16(encoder_hidden_states)
 
 
 class FluxSingleTransformerBlock(nn.Cell):
@@ -141,16 +161,20 @@ def num_blocks(model) -> int:
     return len(model.transformer_blocks) + len(model.single_transformer_blocks)
 
 
+def block_at(model, index: int):
+    """Block `index` (a compile-time int) of that sequence."""
+    num_double = len(model.transformer_blocks)
+    if index < num_double:
+        return model.transformer_blocks[index]
+    return model.single_transformer_blocks[index - num_double]
+
+
 def run_blocks(model, start: int, end: int, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
                image_rotary_emb: RotaryEmbedding) -> Tuple[Tensor, Tensor]:
     """Run blocks [start, end) of that sequence (compile-time ints); returns (text, image) streams."""
-    num_double = len(model.transformer_blocks)
     for index in range(start, end):
-        if index < num_double:
-            block = model.transformer_blocks[index]
-        else:
-            block = model.single_transformer_blocks[index - num_double]
-        encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+        encoder_hidden_states, hidden_states = block_at(model, index)(
+            hidden_states, encoder_hidden_states, temb, image_rotary_emb)
     return encoder_hidden_states, hidden_states
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from models.transformer_flux import check_call_options, embed_inputs, num_blocks, run_blocks
+from models.transformer_flux import block_at, check_call_options, embed_inputs, num_blocks, run_blocks
 from cache_config import check_block_split
 from utils import CacheContext
 
@@ -40,6 +40,31 @@ def _checked(model, context, hidden_states: Tensor, encoder_hidden_states: Tenso
     return hidden_states
 
 
+def run_probe(model, end: int, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor, rotary):
+    """Blocks [0, end), the probe: returns (image output, text, pending text update).
+
+    When the last probe block is double-stream and has a separate `text_stream` (the portable model), its
+    text update is left pending: `text` is that block's text input and `probe_text_output` finishes it,
+    only in the branches that read it. Otherwise (a single-stream block, mindone's blocks) `text` is the
+    probe's text output and nothing is pending.
+    """
+    encoder_hidden_states, hidden_states = run_blocks(
+        model, 0, end - 1, hidden_states, encoder_hidden_states, temb, rotary)
+    last = block_at(model, end - 1)
+    if hasattr(last, "text_stream"):
+        hidden_states, text_update = last.image_stream(hidden_states, encoder_hidden_states, temb, rotary)
+        return hidden_states, encoder_hidden_states, text_update
+    encoder_hidden_states, hidden_states = last(hidden_states, encoder_hidden_states, temb, rotary)
+    return hidden_states, encoder_hidden_states, None
+
+
+def probe_text_output(model, end: int, text: Tensor, text_update) -> Tensor:
+    """The probe's text output from `run_probe`'s `text` and pending update."""
+    if text_update is None:
+        return text
+    return block_at(model, end - 1).text_stream(text, text_update)
+
+
 def cached_forward(model, context: CacheContext, hidden_states: Tensor, encoder_hidden_states: Tensor,
                    pooled_projections: Tensor, timestep: Tensor, img_ids: Tensor, txt_ids: Tensor,
                    guidance: Optional[Tensor] = None) -> Tuple[Tensor]:
@@ -58,16 +83,18 @@ def cached_forward(model, context: CacheContext, hidden_states: Tensor, encoder_
         diff = ops.fill(ms.float32, (), float("nan"))
     else:
         probe_input = hidden_states
-        encoder_hidden_states, hidden_states = run_blocks(
-            model, 0, first_end, hidden_states, encoder_hidden_states, temb, rotary)
+        hidden_states, probe_text, text_update = run_probe(
+            model, first_end, hidden_states, encoder_hidden_states, temb, rotary)
         probe_residual = hidden_states - probe_input
         diff = context.probe_diff(probe_residual, position)
         if context.can_cache(diff):
             hidden_states = hidden_states + context.forecast(position)
             if context.bn_compute_blocks > 0:
-                encoder_hidden_states = encoder_hidden_states + context.text_residual
+                encoder_hidden_states = (probe_text_output(model, first_end, probe_text, text_update)
+                                         + context.text_residual)
             context.update_on_hit()
         else:
+            encoder_hidden_states = probe_text_output(model, first_end, probe_text, text_update)
             middle_encoder, middle_hidden = run_blocks(
                 model, first_end, middle_end, hidden_states, encoder_hidden_states, temb, rotary)
             context.update_on_miss(probe_residual, middle_hidden - hidden_states,
