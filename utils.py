@@ -72,9 +72,12 @@ def _fill(param: Parameter, value) -> None:
 
 
 def _sum_abs(x: Tensor) -> Tensor:
-    """Sum of |x| reduced over the last axis first: one reduction over all elements ran 4x slower on
-    CPU (measured 3.5 ms vs 0.9 ms at 1024 x 512). The ratio of two sums equals the ratio of means."""
-    return ops.abs(x).sum(-1).sum()
+    """Sum of |x|, the last axis reduced by a matmul with a ones column: MindSpore's CPU ReduceSum runs
+    on one thread (the whole reduction 3.5 ms, last axis first 0.9 ms at 1024 x 512; at 1024 x 1024 the
+    diff of a hit took 4.5 ms with ReduceSum and 1.9 ms with the matmul). The ratio of two sums equals
+    the ratio of means."""
+    rows = ops.abs(x).reshape(-1, x.shape[-1])
+    return ops.matmul(rows, ops.ones((x.shape[-1], 1), x.dtype)).sum()
 
 
 MODE_COMPUTED, MODE_HIT, MODE_PROBE_SKIPPED = 0, 1, 2
