@@ -20,7 +20,9 @@ from .layers import (
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
     LayerNormNoAffine,
+    broadcast,
     gelu_tanh,
+    modulate,
     native_gelu_preferred,
 )
 from .loading import load_pretrained
@@ -71,13 +73,19 @@ class FluxTransformerBlock(nn.Cell):
         )
         attn_output, context_attn_output = self.attn(norm_hidden, norm_context, image_rotary_emb)
 
-        hidden_states = hidden_states + gate_msa[:, None] * attn_output
-        norm_hidden = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        hidden_states = hidden_states + gate_mlp[:, None] * self.ff(norm_hidden)
+        # Per-sample vectors are broadcast explicitly: see layers.broadcast (host memory on CPU).
+        hidden_states = hidden_states + broadcast(gate_msa[:, None], attn_output) * attn_output
+        norm_hidden = modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)
+        mlp_output = self.ff(norm_hidden)
+        hidden_states = hidden_states + broadcast(gate_mlp[:, None], mlp_output) * mlp_output
 
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * context_attn_output
-        norm_context = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * self.ff_context(norm_context)
+        context_attn_output = broadcast(c_gate_msa[:, None], context_attn_output) * context_attn_output
+        encoder_hidden_states = encoder_hidden_states + context_attn_output
+        norm_context = modulate(self.norm2_context(encoder_hidden_states), c_shift_mlp, c_scale_mlp)
+        context_mlp_output = self.ff_context(norm_context)
+        encoder_hidden_states = encoder_hidden_states + broadcast(c_gate_mlp[:, None], context_mlp_output) * (
+            context_mlp_output
+        )
         return clip_fp16(encoder_hidden_states), hidden_states
 
 
@@ -102,7 +110,8 @@ class FluxSingleTransformerBlock(nn.Cell):
         norm_hidden, gate = self.norm(residual, temb)
         mlp_hidden = gelu_tanh(self.proj_mlp(norm_hidden), self.native_gelu)
         attn_output = self.attn(norm_hidden, image_rotary_emb=image_rotary_emb)
-        joint = residual + gate[:, None] * self.proj_out(ops.cat([attn_output, mlp_hidden], 2))
+        projected = self.proj_out(ops.cat([attn_output, mlp_hidden], 2))
+        joint = residual + broadcast(gate[:, None], projected) * projected
         joint = clip_fp16(joint)
         return joint[:, :text_tokens], joint[:, text_tokens:]
 
