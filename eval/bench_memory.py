@@ -11,9 +11,12 @@ largest set of activations alive at once (one block's attention scores and proba
 widest hidden tensors) and the cache state of one context, per image token.
 
 Why: the speed table reported 12.9 GiB for the mid pipeline at 512x512 whatever the row. Measured here
-(mid, 256-768 pixels), every compiled graph keeps 2.1-2.8 MiB per image token at hidden size 1024 (the
-outputs of all its kernels, none reused), 17x the widest activations at 512x512, whatever
-`ms.runtime.set_memory` and `memory_optimize_level` say; the printed table is the evidence.
+(mid, 512x512), each compiled graph kept 2.1-2.6 GiB against 0.12 GiB of widest activations, whatever
+`ms.runtime.set_memory` and `memory_optimize_level` said: MindSpore's CPU Add/Sub/Mul kernels keep two
+size_t index tables of the output's size (4x an fp32 output) for every broadcasting launch, for the
+graph's lifetime. With the model's broadcasts made explicit (`models.layers.broadcast`) a graph keeps
+0.94 GiB (first) and 0.37 GiB (second), and loading adds 0.88 GiB for 0.80 GiB of weights (1.60 with
+mindone's `load_file`); the printed table is the evidence, README "Host memory" the details.
 """
 
 import argparse

@@ -7,7 +7,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .layers import RMSNorm
+from .layers import RMSNorm, broadcast
 
 RotaryEmbedding = Tuple[Tensor, Tensor]
 
@@ -61,7 +61,7 @@ def apply_rotary_emb(x: Tensor, rotary_emb: RotaryEmbedding, partners: Tensor) -
     """
     cos, signed_sin = rotary_emb
     x32 = x.astype(ms.float32)
-    return (x32 * cos + ops.gather(x32, partners, -1) * signed_sin).astype(x.dtype)
+    return (x32 * broadcast(cos, x32) + ops.gather(x32, partners, -1) * broadcast(signed_sin, x32)).astype(x.dtype)
 
 
 # Attention products on the 4-D (batch, heads, tokens, head_dim) tensors; transpose_b saves the

@@ -20,7 +20,9 @@ from .layers import (
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
     LayerNormNoAffine,
+    broadcast,
     gelu_tanh,
+    modulate,
     native_gelu_preferred,
 )
 from .loading import load_pretrained
@@ -37,6 +39,12 @@ def clip_fp16(x: Tensor) -> Tensor:
     if x.dtype == ms.float16:
         return ops.clamp(x, -FP16_MAX, FP16_MAX)
     return x
+
+
+def gated_add(residual: Tensor, gate: Tensor, update: Tensor) -> Tensor:
+    """`residual + gate * update`, the per-sample (batch, dim) gate broadcast explicitly over the tokens
+    (see layers.broadcast: host memory on CPU)."""
+    return residual + broadcast(gate[:, None], update) * update
 
 
 def check_call_options(joint_attention_kwargs: Optional[Dict[str, Any]], return_dict: bool = False) -> None:
@@ -87,17 +95,17 @@ class FluxTransformerBlock(nn.Cell):
         )
         attn_output, context_attention = self.attn.attend(norm_hidden, norm_context, image_rotary_emb)
 
-        hidden_states = hidden_states + gate_msa[:, None] * attn_output
-        norm_hidden = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        hidden_states = hidden_states + gate_mlp[:, None] * self.ff(norm_hidden)
+        hidden_states = gated_add(hidden_states, gate_msa, attn_output)
+        norm_hidden = modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)
+        hidden_states = gated_add(hidden_states, gate_mlp, self.ff(norm_hidden))
         return hidden_states, (context_attention, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp)
 
     def text_stream(self, encoder_hidden_states: Tensor, text_update: TextUpdate) -> Tensor:
         """The block's text output from its text input and `image_stream`'s `text_update`."""
         context_attention, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = text_update
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * self.attn.to_add_out(context_attention)
-        norm_context = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * self.ff_context(norm_context)
+        encoder_hidden_states = gated_add(encoder_hidden_states, c_gate_msa, self.attn.to_add_out(context_attention))
+        norm_context = modulate(self.norm2_context(encoder_hidden_states), c_shift_mlp, c_scale_mlp)
+        encoder_hidden_states = gated_add(encoder_hidden_states, c_gate_mlp, self.ff_context(norm_context))
         return clip_fp16(encoder_hidden_states)
 
 
@@ -122,8 +130,7 @@ class FluxSingleTransformerBlock(nn.Cell):
         norm_hidden, gate = self.norm(residual, temb)
         mlp_hidden = gelu_tanh(self.proj_mlp(norm_hidden), self.native_gelu)
         attn_output = self.attn(norm_hidden, image_rotary_emb=image_rotary_emb)
-        joint = residual + gate[:, None] * self.proj_out(ops.cat([attn_output, mlp_hidden], 2))
-        joint = clip_fp16(joint)
+        joint = clip_fp16(gated_add(residual, gate, self.proj_out(ops.cat([attn_output, mlp_hidden], 2))))
         return joint[:, :text_tokens], joint[:, text_tokens:]
 
 

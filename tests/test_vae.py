@@ -233,13 +233,13 @@ def test_file_holding_only_encoder_weights_is_not_read(checkpoint, monkeypatch):
     (vae / (WEIGHTS_FILE + ".index.json")).write_text(json.dumps({"weight_map": weight_map}))
 
     read = []
-    original_load_file = loading.load_file
+    original_read_weights = loading.read_weights
 
-    def recording_load_file(path):
+    def recording_read_weights(path, names, dtype):
         read.append(Path(path).name)
-        return original_load_file(path)
+        return original_read_weights(path, names, dtype)
 
-    monkeypatch.setattr(loading, "load_file", recording_load_file)
+    monkeypatch.setattr(loading, "read_weights", recording_read_weights)
     model = AutoencoderKL.from_pretrained(str(checkpoint))
     assert read == ["shard-1.safetensors"]
     assert (model.decoder.conv_out.bias.asnumpy() == decoder["decoder.conv_out.bias"]).all()
