@@ -49,6 +49,9 @@ class ShiftedMatmulConv2d(nn.Cell):
     on (2, 64, 147, 147), 64 -> 64 channels, 3x3: nn.Conv2d 3.1-4.3 s, this 0.25 s, torch 0.011 s (the
     shipped emoji VAE decodes a 128x128 image in 0.31 s instead of 1.77 s). MindSpore's 4-D strided slices
     (90 ms each here) rule out the usual im2col (0.9 s), while 2-D row slices cost 1.5 ms.
+    The weight's taps come from one transpose and one unstack, not a slice and a transpose per tap: at
+    512x512 the emoji VAE's graph then keeps 0.1 GiB less and compiles in 8.2 s instead of 9.7 s, with
+    bit-identical output and the same decode time (2.2 s).
     Takes over the weight and bias Parameters of the `nn.Conv2d` it replaces (same names and shapes).
     """
 
@@ -65,11 +68,12 @@ class ShiftedMatmulConv2d(nn.Cell):
         margin = pad * padded_width + pad  # the farthest tap of the first and last pixel
         shifted = ops.pad(rows, (0, 0, margin, margin))
         pixels = rows.shape[0]
+        tap_weights = ops.unstack(self.weight.transpose(2, 3, 1, 0).reshape(size * size, channels, -1), 0)
         out = None
         for i in range(size):
             for j in range(size):
                 start = margin + (i - pad) * padded_width + (j - pad)
-                tap = ops.matmul(shifted[start:start + pixels], self.weight[:, :, i, j].swapaxes(0, 1))
+                tap = ops.matmul(shifted[start:start + pixels], tap_weights[i * size + j])
                 out = tap if out is None else out + tap
         out = ops.bias_add(out, self.bias).reshape(batch, height + 2 * pad, padded_width, -1)
         return out[:, pad:pad + height, pad:pad + width, :].transpose(0, 3, 1, 2)
