@@ -16,6 +16,7 @@ from models.transformer_flux import embed_inputs, num_blocks, run_blocks
 from pipeline_flux import latent_image_ids
 
 STATM = Path("/proc/self/statm")
+STATUS = Path("/proc/self/status")
 
 
 def flux_inputs(config: dict, image_size: Tuple[int, int], text_tokens: int, batch_size: int,
@@ -97,6 +98,15 @@ class PeakHostMemory:
     @staticmethod
     def resident_bytes() -> int:
         return int(STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @staticmethod
+    def high_water_bytes() -> int:
+        """The whole process's peak resident set so far (VmHWM): for a script that measures one process
+        from its start, where no sampling thread could miss a short peak."""
+        for line in STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{STATUS} has no VmHWM line: peak memory needs Linux /proc")
 
     def _sample(self) -> None:
         while not self._stop.is_set():

@@ -62,6 +62,15 @@ def child(config_name: str, image_size: int, text_tokens: int) -> Dict[str, floa
     return dict(resident, weights=weights, cache_state=cache_state, tokens=tokens)
 
 
+def measure_in_fresh_process(script: str, args: List[str], label: str) -> dict:
+    """The JSON row that `script args` prints last, run in a new Python process: resident memory never
+    shrinks, so each measurement needs a process that has held nothing else."""
+    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"the {label} measurement failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def needed_activations(config: dict, image_tokens: int, text_tokens: int) -> int:
     """fp32 bytes alive at the widest point of a forward: one block's attention scores and probabilities
     (heads x L x L, twice) plus its input, q, k, v, attention output and MLP hidden (4x) streams."""
@@ -94,11 +103,8 @@ def main(argv=None) -> List[dict]:
     rows = []
     for size in args.image_sizes:
         print(f"{size}x{size}: measuring in a fresh process ...", file=sys.stderr, flush=True)
-        result = subprocess.run([sys.executable, __file__, "--config", args.config, "--child", str(size),
-                                 "--text_tokens", str(args.text_tokens)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"the {size}x{size} measurement failed:\n{result.stderr[-3000:]}")
-        row = json.loads(result.stdout.strip().splitlines()[-1])
+        row = measure_in_fresh_process(__file__, ["--config", args.config, "--child", str(size),
+                                                  "--text_tokens", str(args.text_tokens)], f"{size}x{size}")
         row["size"] = size
         row["needed"] = needed_activations(config, row["tokens"], args.text_tokens)
         rows.append(row)

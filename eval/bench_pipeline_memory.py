@@ -18,7 +18,6 @@ what its tensors need; the speed table's 12.9 GiB (many graphs in one process) s
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict
@@ -26,7 +25,7 @@ from typing import Dict
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from eval.bench_memory import needed_activations  # noqa: E402
+from eval.bench_memory import measure_in_fresh_process, needed_activations  # noqa: E402
 from eval.cli_common import check_image_size, quiet_imports  # noqa: E402
 from models.demo_configs import TRANSFORMER_CONFIGS  # noqa: E402
 
@@ -34,14 +33,6 @@ GIB = 2 ** 30
 STAGES = ("imported", "pipeline loaded", "prompt encoded", "first step (both branches computed)",
           "first cached step", "last step", "decoded")
 PROMPT, NEGATIVE_PROMPT = "a red apple on a wooden table", ""
-
-
-def peak_resident_bytes() -> int:
-    """The process's high-water resident set (VmHWM), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory needs Linux")
 
 
 def vae_activations(config: dict, image_size: int) -> int:
@@ -84,7 +75,7 @@ def child(config_name: str, image_size: int, steps: int, computed_steps: int) ->
         if summary["cached"] != expected:
             raise RuntimeError(f"the {branch} branch cached {summary['cached']}, not the forced {expected}: the stages "
                                "read after the first step and the first cached one would be mislabelled")
-    peak = peak_resident_bytes()
+    peak = PeakHostMemory.high_water_bytes()
     transformer = pipeline.transformer
     image_tokens = (image_size // 16) ** 2
     branch_state = CacheContext(1, image_tokens, transformer.inner_dim, text_seq_len=text_tokens)
@@ -121,12 +112,9 @@ def main(argv=None) -> Dict[str, object]:
         return {}
     print(f"{args.config} pipeline at {args.image_size}x{args.image_size}: measuring in a fresh process ...",
           file=sys.stderr, flush=True)
-    command = [sys.executable, __file__, "--child", "--config", args.config, "--image_size", str(args.image_size),
-               "--steps", str(args.steps), "--computed_steps", str(args.computed_steps)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"the measurement failed:\n{result.stderr[-3000:]}")
-    row = json.loads(result.stdout.strip().splitlines()[-1])
+    row = measure_in_fresh_process(__file__, ["--child", "--config", args.config, "--image_size", str(args.image_size),
+                                              "--steps", str(args.steps), "--computed_steps", str(args.computed_steps)],
+                                   "pipeline")
     resident = row["resident"]
     print(f"{args.config} pipeline, {args.image_size}x{args.image_size}, {row['text_tokens']} text tokens, fp32, CPU "
           f"graph mode, true CFG, {args.steps} steps (cached: {row['cached']}); GiB\n")
