@@ -7,31 +7,30 @@ it was compiled with, so contexts live as long as the pipeline, one per (CFG bra
 Fn/Bn), and every call resets and reconfigures them in place instead of creating new ones.
 """
 
+import contextlib
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.nn.utils import no_init_parameters
-from mindone.diffusers import AutoencoderKL as MindoneAutoencoderKL
-from mindone.diffusers import FlowMatchEulerDiscreteScheduler
-from mindone.diffusers import FluxTransformer2DModel as MindoneFluxTransformer
-from mindone.transformers import CLIPTextModel, T5EncoderModel
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 from cache_config import FBCacheConfig  # noqa: F401 (re-exported: the pipeline's cache argument)
+from models.clip_text import CLIPTextModel
+from models.compile_cache import CompileCache, process_compile_cache, weights_identity
 from models.components import check_pipeline_components
 from models.context_parallel import ContextParallelForward, TokenSplit, enable_context_parallel, join_msrun
-from models.demo_checkpoint import TRANSFORMERS_WEIGHTS_NAME, checkpoint_shapes
-from models.loading import check_weights_match, model_folder, stored_tensors, weight_files, without_ignored
-from models.t5_position_buckets import use_exact_t5_position_buckets
+from models.loading import model_folder
+from models.scheduler import FlowMatchEulerDiscreteScheduler
+from models.t5_encoder import T5EncoderModel
 from models.transformer_flux import FluxTransformer2DModel
 from models.transformer_flux_withFBCache import FBCachedTransformer
 from models.vae import AutoencoderKL
@@ -40,6 +39,8 @@ from utils import CacheContext
 PromptInput = Union[str, List[str]]
 ProgressCallback = Callable[[int, int, Dict[str, bool]], None]
 Branches = Dict[str, Tuple[ms.Tensor, ms.Tensor, ms.Tensor]]
+# The branch name of true CFG run as one batch: cond rows first, then uncond.
+BATCHED_CFG = "cond+uncond"
 COMPONENT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 MAX_SEQUENCE_LENGTH = 512
 # FLUX.1-dev's distilled guidance when a checkpoint with guidance embedding is given none.
@@ -116,56 +117,17 @@ def to_pil(images: np.ndarray) -> List[Image.Image]:
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
 
-def load_mindone_model(cls, path: str, subfolder: str, dtype: ms.Type):
-    """mindone's loader only warns about missing or unexpected weights; check them against the files."""
-    model = cls.from_pretrained(path, subfolder=subfolder, mindspore_dtype=dtype)
-    folder = model_folder(path, subfolder)
-    expected = {name: tuple(param.shape) for name, param in model.parameters_and_names()}
-    check_weights_match(expected, stored_tensors(weight_files(folder)), folder)
-    return model
+def batched_branches(cond: Tuple[ms.Tensor, ms.Tensor, ms.Tensor],
+                     uncond: Tuple[ms.Tensor, ms.Tensor, ms.Tensor]) -> Tuple[ms.Tensor, ms.Tensor, ms.Tensor]:
+    """Both CFG branches' text inputs as one batch (cond rows, then uncond rows); the text ids are shared."""
+    return ops.concat((cond[0], uncond[0])), ops.concat((cond[1], uncond[1])), cond[2]
 
 
-def load_text_encoder(cls, folder: Path, dtype: ms.Type):
-    """mindone's transformers loader only warns about missing weights and leaves them random (the same
-    seed then gives other images): names and shapes are checked against the files first. The tied copy
-    of T5's embedding (`encoder.embed_tokens.weight`, which FLUX.1's file also stores) and
-    transformers' ignorable buffers are allowed."""
-    config = cls.config_class.from_pretrained(folder)
-    with no_init_parameters():
-        expected = checkpoint_shapes(cls(config))
-    ignored = tuple(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()) + tuple(
-        getattr(cls, "_tied_weights_keys", None) or ())
-    check_weights_match(expected, without_ignored(stored_tensors(weight_files(folder, TRANSFORMERS_WEIGHTS_NAME)),
-                                                  ignored), folder)
-    return cls.from_pretrained(str(folder), config=config, dtype=dtype)
-
-
-class GraphTextEncoder(nn.Cell):
-    """A text encoder whose forward always runs as a compiled graph, also in PyNative mode. mindone's T5
-    and CLIP use `mint` ops (Embedding, Arange) that MindSpore's CPU backend provides only inside a graph:
-    in PyNative mode every T5 forward failed with "The kernel Embedding unregistered", so
-    `--no-use_graph_mode` always crashed on CPU. The text encoders run once per prompt; only the
-    transformer and VAE need to be inspectable step by step."""
-
-    def __init__(self, encoder: nn.Cell):
-        super().__init__()
-        self.encoder = encoder
-
-    @ms.jit
-    def construct(self, ids: ms.Tensor) -> tuple:
-        return self.encoder(ids, return_dict=False)
-
-
-class MindoneVAEDecoder(nn.Cell):
-    """mindone's AutoencoderKL behind the portable decoder's interface: calling it decodes latents."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-        self.config = vae.config
-
-    def construct(self, latents: ms.Tensor) -> ms.Tensor:
-        return self.vae.decode(latents, return_dict=False)[0]
+def input_signature(value) -> object:
+    """What of a graph input shapes the compiled graph: a tensor's shape and dtype, else the value."""
+    if isinstance(value, ms.Tensor):
+        return tuple(value.shape), str(value.dtype)
+    return repr(value)
 
 
 def cache_context(forward: nn.Cell) -> Optional[CacheContext]:
@@ -179,7 +141,8 @@ class FluxPipeline:
     """Flux.1-dev (guidance embedding) and Flux.1-schnell text-to-image."""
 
     def __init__(self, scheduler, vae: AutoencoderKL, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 transformer, token_split: Optional[TokenSplit] = None):
+                 transformer, token_split: Optional[TokenSplit] = None, compile_cache: Optional[CompileCache] = None,
+                 source: Optional[str] = None):
         self.scheduler = scheduler
         self.vae = vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -195,18 +158,26 @@ class FluxPipeline:
         self._parallel_forwards: Dict[int, ContextParallelForward] = {}
         if token_split is not None:
             enable_context_parallel(transformer)
-        self._graph_text_encoders = (GraphTextEncoder(text_encoder), GraphTextEncoder(text_encoder_2))
+        # The persistent compile cache (models/compile_cache.py) and what identifies this pipeline's graphs.
+        self.compile_cache = compile_cache
+        self.source = source
+        self._graph_calls: set = set()
+        self._run_key: Dict[str, object] = dict(source=source)  # replaced by each call's graph-shaping arguments
+        self.timings: Dict[str, float] = {"compile": 0.0}
 
     @classmethod
     def from_pretrained(cls, path: str, mindspore_dtype: ms.Type = ms.float32, use_mindone_models: bool = False,
-                        context_parallel: int = 1) -> "FluxPipeline":
+                        context_parallel: int = 1, compile_cache: Union[bool, str, Path] = True) -> "FluxPipeline":
         """Load every component of a diffusers FLUX folder, strictly (no silently random weights).
 
-        `use_mindone_models` takes mindone's own FluxTransformer2DModel and AutoencoderKL (Ascend
-        kernels; they do not run on MindSpore's CPU backend) instead of the portable ones; the cached
-        forward binds onto either, and their weights are checked against the files just as strictly.
-        `context_parallel=N > 1` splits each image's tokens over the N workers of the msrun launch this
-        process is in (joined before anything loads; every rank returns the whole image).
+        `use_mindone_models` takes mindone's own FluxTransformer2DModel, AutoencoderKL and text encoders
+        (Ascend kernels; its transformer and VAE do not run on MindSpore's CPU backend) instead of the
+        portable ones; the cached forward binds onto either, and their weights are checked against the
+        files just as strictly. `context_parallel=N > 1` splits each image's tokens over the N workers of the
+        msrun launch this process is in (joined before anything loads; every rank returns the whole image).
+        `compile_cache` stores compiled graphs across processes (graph mode; models/compile_cache.py): True
+        for the user cache folder (`$FLUX_MS_COMPILE_CACHE`, else `$XDG_CACHE_HOME` or `~/.cache`), a folder,
+        or False. It is off under context parallel (each rank would need its own manifest).
         """
         if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
             raise ValueError(f"context_parallel must be a whole number of ranks >= 1, got {context_parallel!r}")
@@ -220,24 +191,29 @@ class FluxPipeline:
         for name in COMPONENT_FOLDERS:
             model_folder(path, name)
         check_pipeline_components(path)
-        use_exact_t5_position_buckets()
         root = Path(path)
         if use_mindone_models:
-            transformer = load_mindone_model(MindoneFluxTransformer, path, "transformer", mindspore_dtype)
-            vae = MindoneVAEDecoder(load_mindone_model(MindoneAutoencoderKL, path, "vae", mindspore_dtype))
+            from models.mindone_components import load_mindone_components
+            models = load_mindone_components(path, mindspore_dtype)
         else:
-            transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
-                                                                 mindspore_dtype=mindspore_dtype)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", mindspore_dtype=mindspore_dtype)
+            models = dict(
+                transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                                   mindspore_dtype=mindspore_dtype),
+                vae=AutoencoderKL.from_pretrained(path, subfolder="vae", mindspore_dtype=mindspore_dtype),
+                text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", mindspore_dtype=mindspore_dtype),
+                text_encoder_2=T5EncoderModel.from_pretrained(root / "text_encoder_2", mindspore_dtype=mindspore_dtype),
+            )
+        cache = None
+        if compile_cache is not False and token_split is None:
+            cache = process_compile_cache(None if compile_cache is True else Path(compile_cache))
         return cls(
-            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(root / "scheduler")),
-            vae=vae,
-            text_encoder=load_text_encoder(CLIPTextModel, root / "text_encoder", mindspore_dtype),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
             tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True),
-            text_encoder_2=load_text_encoder(T5EncoderModel, root / "text_encoder_2", mindspore_dtype),
             tokenizer_2=T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"), local_files_only=True),
-            transformer=transformer,
             token_split=token_split,
+            compile_cache=cache,
+            source=f"{root.resolve()} {mindspore_dtype} mindone={use_mindone_models}",
+            **models,
         )
 
     def compiled_graphs(self) -> int:
@@ -265,11 +241,33 @@ class FluxPipeline:
         return self.run_text_encoder(1, t5_ids)[0], pooled
 
     def run_text_encoder(self, index: int, ids: np.ndarray) -> tuple:
-        """The outputs of CLIP (index 0) or T5 (1) for token ids: called directly in graph mode (each compiles
-        once), through `GraphTextEncoder` in PyNative mode."""
-        if ms.get_context("mode") == ms.GRAPH_MODE:
-            return (self.text_encoder, self.text_encoder_2)[index](ms.Tensor(ids), return_dict=False)
-        return self._graph_text_encoders[index](ms.Tensor(ids))
+        """The outputs of CLIP (index 0) or T5 (1) for token ids."""
+        name, encoder = (("clip", self.text_encoder), ("t5", self.text_encoder_2))[index]
+        return self.run_graph(name, encoder, ms.Tensor(ids))
+
+    def run_graph(self, name: str, cell: nn.Cell, *args):
+        """Call a component that graph mode compiles. The first call of each (cell, input signature)
+        compiles: the compile cache is told which graph it is (`name`, the cell's class, the inputs'
+        shapes and dtypes), and the call's time is counted in `timings["compile"]`."""
+        if ms.get_context("mode") != ms.GRAPH_MODE:
+            return cell(*args)
+        key = (id(cell), tuple(input_signature(arg) for arg in args))
+        if key in self._graph_calls:
+            return cell(*args)
+        signature = f"{name} {type(cell).__name__} {key[1]}"
+        graphs_before = len(cell.compile_cache)
+        started = time.perf_counter()
+        if self.compile_cache is not None:
+            self.compile_cache.activate(self._run_key)
+            self.compile_cache.begin(signature)
+        try:
+            outputs = cell(*args)
+        finally:
+            if self.compile_cache is not None:
+                self.compile_cache.end(signature, compiled=len(cell.compile_cache) > graphs_before)
+        self._graph_calls.add(key)
+        self.timings["compile"] = self.timings.get("compile", 0.0) + time.perf_counter() - started
+        return outputs
 
     def text_conditioning(self, prompt_embeds: ms.Tensor, pooled: ms.Tensor,
                           num_images_per_prompt: int) -> Tuple[ms.Tensor, ms.Tensor, ms.Tensor]:
@@ -386,7 +384,6 @@ class FluxPipeline:
                              config.get("base_shift", 0.5), config.get("max_shift", 1.15))
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist(),
                                      mu=mu)
-        self.scheduler.set_begin_index(0)
         return self.scheduler.timesteps
 
     def guidance_input(self, batch: int, guidance_scale: Optional[float]) -> Optional[ms.Tensor]:
@@ -416,6 +413,7 @@ class FluxPipeline:
         prompt_embeds: Optional[ms.Tensor] = None,
         pooled_prompt_embeds: Optional[ms.Tensor] = None,
         progress: bool = False,
+        batch_cfg: bool = True,
     ) -> FluxPipelineOutput:
         """Generate images. `cache=None` runs the uncached transformer. `callback(step, total, cached)`
         is called after each step (`cached` maps branch -> whether that step used the cache; reading it
@@ -426,7 +424,12 @@ class FluxPipeline:
         FLUX.1's is 512, and a model trained on fewer padded tokens (the shipped emoji model: 32) says so there.
         `guidance_scale` (default 3.5) is for checkpoints with guidance embedding (FLUX.1-dev) and refused
         by others; true CFG needs both `true_cfg_scale > 1` and a negative prompt, and one without the other
-        is refused rather than ignored. Raises `NonFiniteError` instead of returning a NaN image."""
+        is refused rather than ignored. With true CFG, `batch_cfg=True` (default) runs both branches as one
+        batch through one graph with one cache decision per step (the branch `"cond+uncond"` of
+        `cache_summaries`): half the launches and compiles of `batch_cfg=False`, which runs them as two
+        calls with a cache each (`"cond"`, `"uncond"`; `FBCacheConfig.sync_cfg_branches` ties them).
+        Seconds spent per phase are left in `self.timings` (the first call of each graph counts as
+        compile). Raises `NonFiniteError` instead of returning a NaN image."""
         if max_sequence_length is None:
             max_sequence_length = self.default_sequence_length()
         self.check_prompt_embeds(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds)
@@ -444,29 +447,55 @@ class FluxPipeline:
                           num_images_per_prompt, true_cfg_scale, guidance_scale, seed)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if not isinstance(batch_cfg, bool):
+            raise ValueError(f"batch_cfg must be True or False, got {batch_cfg!r}")
         batch = prompt_count * num_images_per_prompt
+        self.timings = {"compile": 0.0}
+        self._run_key = dict(source=self.source, height=height, width=width, batch=batch, text_tokens=text_tokens,
+                             embeds_given=prompt_embeds is not None, cfg=negative_prompts is not None,
+                             batch_cfg=batch_cfg, output_type=output_type, guidance=guidance_scale is not None,
+                             cache=None if cache is None else (cache.fn_compute_blocks, cache.bn_compute_blocks),
+                             context_parallel=None if self.token_split is None else self.token_split.ranks)
 
-        if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompts, prompts_2, max_sequence_length)
-        branches = {"cond": self.text_conditioning(prompt_embeds, pooled_prompt_embeds, num_images_per_prompt)}
-        if negative_prompts is not None:
-            branches["uncond"] = self.text_conditioning(
-                *self.encode_prompt(negative_prompts, negative_prompts_2, max_sequence_length), num_images_per_prompt)
+        with self.timed("encode"):
+            if prompt_embeds is None:
+                prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompts, prompts_2, max_sequence_length)
+            branches = {"cond": self.text_conditioning(prompt_embeds, pooled_prompt_embeds, num_images_per_prompt)}
+            if negative_prompts is not None:
+                branches["uncond"] = self.text_conditioning(
+                    *self.encode_prompt(negative_prompts, negative_prompts_2, max_sequence_length),
+                    num_images_per_prompt)
+                if batch_cfg:
+                    branches = {BATCHED_CFG: batched_branches(branches["cond"], branches["uncond"])}
+            next(iter(branches.values()))[0].asnumpy()  # the encoders' work counted here, not in denoising
 
         latent_height, latent_width = height // self.vae_scale_factor, width // self.vae_scale_factor
         packed = self.prepare_latents(batch, latent_height, latent_width, seed, latents)
         image_ids = ms.Tensor(latent_image_ids(latent_height // 2, latent_width // 2))
         timesteps = self.prepare_timesteps(packed.shape[1], num_inference_steps)
-        forwards = self.branch_forwards(branches, batch, packed.shape[1], cache)
-        latents_ms = self.denoise(ms.Tensor(packed).astype(self.dtype), timesteps, branches, forwards, image_ids,
-                                  self.guidance_input(batch, guidance_scale), true_cfg_scale, callback, progress)
+        forward_batch = 2 * batch if BATCHED_CFG in branches else batch
+        forwards = self.branch_forwards(branches, forward_batch, packed.shape[1], cache)
+        with self.timed("denoise"):
+            latents_ms = self.denoise(ms.Tensor(packed).astype(self.dtype), timesteps, branches, forwards, image_ids,
+                                      self.guidance_input(forward_batch, guidance_scale), true_cfg_scale, callback,
+                                      progress, forward_batch)
 
         summaries = {name: cache_context(forward).summary() for name, forward in forwards.items() if cache is not None}
         if output_type == "latent":
             return FluxPipelineOutput(images=list(latents_ms.asnumpy()), cache_summaries=summaries)
-        images = self.decode(latents_ms, latent_height, latent_width)
+        with self.timed("decode"):
+            images = self.decode(latents_ms, latent_height, latent_width)
+        if self.compile_cache is not None:
+            self.compile_cache.publish()
         return FluxPipelineOutput(images=to_pil(images) if output_type == "pil" else list(images),
                                   cache_summaries=summaries)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Seconds spent in `phase`, less the compiles inside it (counted under "compile")."""
+        compile_before, started = self.timings["compile"], time.perf_counter()
+        yield
+        self.timings[phase] = time.perf_counter() - started - (self.timings["compile"] - compile_before)
 
     def branch_forwards(self, branches: Branches, batch: int, image_tokens: int,
                         cache: Optional[FBCacheConfig]) -> Dict[str, nn.Cell]:
@@ -488,21 +517,18 @@ class FluxPipeline:
 
     def denoise(self, latents: ms.Tensor, timesteps: ms.Tensor, branches: Branches, forwards: Dict[str, nn.Cell],
                 image_ids: ms.Tensor, guidance: Optional[ms.Tensor], true_cfg_scale: float,
-                callback: Optional[ProgressCallback], progress: bool) -> ms.Tensor:
-        """The sampling loop (true CFG when there is an uncond branch). The first step whose latents are
-        not finite is kept on the device and checked once at the end: no per-step host sync."""
-        batch = latents.shape[0]
+                callback: Optional[ProgressCallback], progress: bool, forward_batch: int) -> ms.Tensor:
+        """The sampling loop (true CFG when there is an uncond branch; `forward_batch` rows per transformer
+        call). The first step whose latents are not finite is kept on the device and checked once at the
+        end: no per-step host sync."""
+        # Each step's timestep input, as diffusers makes it (cast to the model dtype, then / 1000), made
+        # before the loop so that a step launches only the transformer, the guidance and the Euler update.
+        timestep_inputs = [(t.broadcast_to((forward_batch,)).astype(self.dtype) / 1000) for t in timesteps]
         first_bad_step = ms.Tensor(-1, ms.int32)
         for step in tqdm(range(len(timesteps)), desc="denoising", unit="step", disable=not progress):
-            t = timesteps[step]
-            timestep = t.broadcast_to((batch,)).astype(self.dtype) / 1000
-            predictions = {name: forwards[name](latents, prompt_embeds, pooled, timestep, image_ids, text_ids,
-                                                guidance)[0]
-                           for name, (prompt_embeds, pooled, text_ids) in branches.items()}
-            noise_pred = predictions["cond"]
-            if "uncond" in predictions:
-                noise_pred = predictions["uncond"] + true_cfg_scale * (noise_pred - predictions["uncond"])
-            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            noise_pred = self.predict_noise(latents, timestep_inputs[step], branches, forwards, image_ids, guidance,
+                                            true_cfg_scale)
+            latents = self.scheduler.step(noise_pred, step, latents)
             newly_bad = (first_bad_step < 0) & ~ops.isfinite(latents).all()
             first_bad_step = ops.select(newly_bad, ms.Tensor(step, ms.int32), first_bad_step)
             if callback is not None:
@@ -514,6 +540,23 @@ class FluxPipeline:
                 f"the latents became NaN or infinite at step {bad_step} of {len(timesteps)}: check the checkpoint "
                 "for NaN/inf weights and the guidance scales, or run in float32 if this was float16 (overflow)")
         return latents
+
+    def predict_noise(self, latents: ms.Tensor, timestep: ms.Tensor, branches: Branches, forwards: Dict[str, nn.Cell],
+                      image_ids: ms.Tensor, guidance: Optional[ms.Tensor], true_cfg_scale: float) -> ms.Tensor:
+        """One step's flow prediction: the cond branch, or true CFG `uncond + scale * (cond - uncond)` (as
+        diffusers), from two calls or from one call on both branches stacked along the batch."""
+        predictions = {}
+        for name, (prompt_embeds, pooled, text_ids) in branches.items():
+            inputs = ops.concat((latents, latents)) if name == BATCHED_CFG else latents
+            predictions[name] = self.run_graph(name, forwards[name], inputs, prompt_embeds, pooled, timestep,
+                                               image_ids, text_ids, guidance)[0]
+        if BATCHED_CFG in predictions:
+            cond, uncond = ops.split(predictions[BATCHED_CFG], latents.shape[0])
+        elif "uncond" in predictions:
+            cond, uncond = predictions["cond"], predictions["uncond"]
+        else:
+            return predictions["cond"]
+        return uncond + true_cfg_scale * (cond - uncond)
 
     def default_sequence_length(self) -> int:
         return min(self.tokenizer_2.model_max_length, MAX_SEQUENCE_LENGTH)
@@ -527,7 +570,7 @@ class FluxPipeline:
         """Packed latents -> images (batch, H, W, 3) in [0, 1], undoing the VAE's scale and shift."""
         latents = unpack_latents(packed, latent_height, latent_width)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae(latents.astype(self.dtype)).astype(ms.float32).asnumpy()
+        image = self.run_graph("vae", self.vae, latents.astype(self.dtype)).astype(ms.float32).asnumpy()
         if not np.isfinite(image).all():
             raise NonFiniteError("the VAE decoded NaN or infinite pixels from finite latents: check the VAE weights "
                                  "for NaN/inf, or run in float32 if this was float16 (overflow)")

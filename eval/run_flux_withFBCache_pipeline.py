@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run the uncached baseline in this process and print both times")
     parser.add_argument("--use_graph_mode", action=argparse.BooleanOptionalAction, default=True,
                         help="MindSpore GRAPH mode (default) or PyNative (--no-use_graph_mode)")
+    parser.add_argument("--no_compile_cache", action="store_true",
+                        help="compile every graph in this run instead of loading the ones an earlier run stored "
+                             "(the cache lives in $FLUX_MS_COMPILE_CACHE, else $XDG_CACHE_HOME/flux-fbcache-ms or "
+                             "~/.cache/flux-fbcache-ms; --verbose prints it)")
+    parser.add_argument("--separate_cfg_branches", action="store_true",
+                        help="with true CFG, run the cond and uncond branches as two transformer calls with a cache "
+                             "each (default: one call on both as a batch, one cache decision per step)")
     parser.add_argument("--num_inference_steps", type=int, help="default 28 (8 for the random demo/mid)")
     parser.add_argument("--guidance_scale", type=float,
                         help="distilled guidance of checkpoints with guidance embedding (FLUX.1-dev; default 3.5); "
@@ -128,6 +135,8 @@ def check_setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                      "lacks; use them with --device_target Ascend, or drop the flag for the portable models")
     if args.no_cache and args.compare_baseline:
         parser.error("--no_cache and --compare_baseline exclude each other")
+    if args.no_compile_cache and not args.use_graph_mode:
+        parser.error("--no_compile_cache: PyNative mode (--no-use_graph_mode) compiles no graphs; drop one of them")
 
 
 def check_context_parallel(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -224,7 +233,8 @@ def generate(pipeline, args: argparse.Namespace, cache, label: str, steps: int):
         args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
         height=args.image_size[0], width=args.image_size[1], num_inference_steps=steps,
         guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images_per_prompt, seed=args.seed,
-        max_sequence_length=args.max_sequence_length, cache=cache, progress=True)
+        max_sequence_length=args.max_sequence_length, cache=cache, progress=True,
+        batch_cfg=not args.separate_cfg_branches)
     elapsed = time.perf_counter() - started
     print(f"[{label}] total {elapsed:.2f} s", flush=True)
     return output, elapsed
@@ -247,8 +257,13 @@ def load_pipeline(args: argparse.Namespace):
     elif not args.ckpt:
         print(f"Using the embedded demo checkpoint {folder}: RANDOM weights, not FLUX.1 (give --ckpt for real "
               "images).", flush=True)
-    return FluxPipeline.from_pretrained(str(folder), mindspore_dtype=DTYPES[args.dtype],
-                                        use_mindone_models=args.mindone_models, context_parallel=args.context_parallel)
+    pipeline = FluxPipeline.from_pretrained(str(folder), mindspore_dtype=DTYPES[args.dtype],
+                                            use_mindone_models=args.mindone_models,
+                                            context_parallel=args.context_parallel,
+                                            compile_cache=args.use_graph_mode and not args.no_compile_cache)
+    if args.verbose:
+        print(f"compile cache: {'off' if pipeline.compile_cache is None else pipeline.compile_cache.root}")
+    return pipeline
 
 
 def print_summaries(summaries: dict, verbose: bool) -> None:
@@ -260,10 +275,27 @@ def print_summaries(summaries: dict, verbose: bool) -> None:
             print(f"FBCache {branch}: {format_summary_line(summary)}")
 
 
+def print_timings(load_seconds: float, timings: dict, summaries: dict) -> None:
+    """Where the run's time went: loading, compiling (or loading compiled graphs), text encoding,
+    denoising (with what the cache saved there) and decoding."""
+    print(f"time: import + load {load_seconds:.2f} s, compile {timings['compile']:.2f} s, encode {timings['encode']:.2f} s, "
+          f"denoise {timings['denoise']:.2f} s, decode {timings.get('decode', 0.0):.2f} s")
+    for branch, summary in summaries.items():
+        computed, steps = summary["steps_computed"], summary["steps"]
+        if computed < steps:
+            # A cached step still runs the probe block and the step's other work, so this bounds the saving
+            # from above; --compare_baseline measures it.
+            saved = timings["denoise"] * (steps / computed - 1)
+            print(f"cache ({branch}): {steps - computed} of {steps} steps cached, at most {saved:.2f} s of "
+                  f"denoising saved (--compare_baseline measures it)")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_writable(args.save_path)
+    started = time.perf_counter()
     pipeline = load_pipeline(args)
+    load_seconds = time.perf_counter() - started
 
     runs = []
     if args.compare_baseline or args.no_cache:
@@ -278,6 +310,7 @@ def main(argv=None) -> None:
     for label, cache in runs:
         output, times[label] = generate(pipeline, args, cache, label, args.num_inference_steps)
         print_summaries(output.cache_summaries, args.verbose)
+        print_timings(load_seconds, pipeline.timings, output.cache_summaries)
         if pipeline.token_split is not None and pipeline.token_split.rank > 0:
             continue  # every rank holds the whole image; rank 0 writes it
         for index, image in enumerate(output.images):

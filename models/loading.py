@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Type, TypeVar
 
 import mindspore as ms
-from mindspore import Parameter, Tensor
+from mindspore import Parameter, Tensor, nn
 from mindspore.nn.utils import no_init_parameters
 from safetensors import safe_open
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
 SUPPORTED_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 MAX_LISTED_KEYS = 10
 RESTORE = "copy it again from the checkpoint it came from"
@@ -174,21 +175,35 @@ def load_pretrained(cls: Type[ModelT], path: str, subfolder: Optional[str],
     decoder-only model) are neither loaded nor reported as unexpected; a file holding only such
     weights is never read. A model parameter with such a prefix is still required.
     """
-    dtype = ms.float32 if mindspore_dtype is None else mindspore_dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"mindspore_dtype must be one of {SUPPORTED_DTYPES}, got {mindspore_dtype}")
+    dtype = checked_dtype(mindspore_dtype)
     folder = model_folder(path, subfolder)
     config = read_config(folder, cls.__name__, required_keys)
     stored = without_ignored(stored_tensors(weight_files(folder)), tuple(ignored_prefixes))
     with no_init_parameters():
         model = cls.from_config(config)
+    load_weights(model, stored, folder, dtype)
+    model.register_to_config(_name_or_path=str(path))
+    model.set_train(False)
+    return model
+
+
+def checked_dtype(mindspore_dtype: Optional[ms.Type]) -> ms.Type:
+    """The dtype to load weights as: fp32 when None (diffusers' and transformers' default), else one of
+    SUPPORTED_DTYPES."""
+    dtype = ms.float32 if mindspore_dtype is None else mindspore_dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"mindspore_dtype must be one of {SUPPORTED_DTYPES}, got {mindspore_dtype}")
+    return dtype
+
+
+def load_weights(model: nn.Cell, stored: StoredTensors, folder: Path, dtype: ms.Type) -> None:
+    """Check that `stored` holds exactly `model`'s parameters, with their shapes, then load each as `dtype`.
+
+    Build `model` under `no_init_parameters`: then no parameter is allocated before its weight is read.
+    """
     expected = {name: tuple(param.shape) for name, param in model.parameters_and_names()}
     check_weights_match(expected, stored, folder)
-
     for param in model.get_parameters():
         param.set_dtype(dtype)
     for file in sorted({file for _, file in stored.values()}):
         ms.load_param_into_net(model, read_weights(file, stored, dtype), strict_load=True)
-    model.register_to_config(_name_or_path=str(path))
-    model.set_train(False)
-    return model

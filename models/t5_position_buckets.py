@@ -6,28 +6,14 @@ is a whole number at d = 16, 32 and 64, and MindSpore's CPU `log` is a few ulp l
 instead of 2.7725887), so truncation puts those distances one bucket too low: every prompt longer
 than 16 tokens got a different text embedding than transformers gives (measured 1e-1 relative error
 at 64 tokens). Here the bucket boundaries are computed once on the host, with the same fp32 formula
-transformers evaluates, and the graph only compares distances against those integers.
+transformers evaluates (models/t5_encoder.bucket_boundaries, which the portable T5 uses too), and the
+graph only compares distances against those integers.
 """
-
-import math
-from functools import lru_cache
-from typing import Tuple
-
-import numpy as np
 
 from mindspore import Tensor, ops
 from mindone.transformers.models.t5 import modeling_t5
 
-
-@lru_cache(maxsize=None)
-def bucket_boundaries(num_buckets: int, max_distance: int) -> Tuple[int, ...]:
-    """Smallest distance of each logarithmic bucket after the first, for one direction's `num_buckets`."""
-    max_exact = num_buckets // 2
-    distances = np.arange(max_exact, 4 * max_distance, dtype=np.float32)
-    scale = np.float32(math.log(max_distance / max_exact))
-    buckets = max_exact + (np.log(distances / np.float32(max_exact)) / scale
-                           * np.float32(num_buckets - max_exact)).astype(np.int64)
-    return tuple(int(distances[np.argmax(buckets >= bucket)]) for bucket in range(max_exact + 1, num_buckets))
+from .t5_encoder import bucket_boundaries
 
 
 def relative_position_bucket(relative_position: Tensor, bidirectional: bool = True, num_buckets: int = 32,

@@ -9,10 +9,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
-from mindone.diffusers import ConfigMixin, ModelMixin
-from mindone.diffusers.configuration_utils import register_to_config
 
 from .attention import FluxAttention, FluxPosEmbed, RotaryEmbedding
+from .config_mixin import ConfigMixin, register_to_config
 from .layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -185,7 +184,7 @@ def run_blocks(model, start: int, end: int, hidden_states: Tensor, encoder_hidde
     return encoder_hidden_states, hidden_states
 
 
-class FluxTransformer2DModel(ModelMixin, ConfigMixin):
+class FluxTransformer2DModel(nn.Cell, ConfigMixin):
     """Flux.1 transformer (FLUX.1-dev with `guidance_embeds=True`, FLUX.1-schnell without).
 
     `from_pretrained(folder, subfolder="transformer", mindspore_dtype=...)` loads a diffusers
@@ -193,7 +192,6 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
     random-initialised model.
     """
 
-    config_name = "config.json"
 
     @register_to_config
     def __init__(

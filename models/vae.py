@@ -13,9 +13,8 @@ from typing import Optional, Sequence
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
-from mindone.diffusers import ConfigMixin, ModelMixin
-from mindone.diffusers.configuration_utils import register_to_config
 
+from .config_mixin import ConfigMixin, register_to_config
 from .layers import broadcast
 from .loading import load_pretrained
 
@@ -241,7 +240,7 @@ class Decoder(nn.Cell):
         return self.conv_out(ops.silu(self.conv_norm_out(sample)))
 
 
-class AutoencoderKL(ModelMixin, ConfigMixin):
+class AutoencoderKL(nn.Cell, ConfigMixin):
     """The decoding half of diffusers' `AutoencoderKL` (FLUX.1's VAE), with its config keys.
 
     `decode(latents)` equals diffusers' `vae.decode(latents).sample`: scaling is not applied here; the
@@ -252,7 +251,6 @@ class AutoencoderKL(ModelMixin, ConfigMixin):
     config so the folder round-trips, but build nothing.
     """
 
-    config_name = "config.json"
 
     @register_to_config
     def __init__(
