@@ -21,7 +21,7 @@ from PIL import Image
 import mindspore as ms
 from mindspore import nn, ops
 from tqdm.auto import tqdm
-from transformers import CLIPTokenizer, T5TokenizerFast
+from models.tokenizers import CLIPTokenizer, T5Tokenizer
 
 from cache_config import FBCacheConfig  # noqa: F401 (re-exported: the pipeline's cache argument)
 from models.clip_text import CLIPTextModel
@@ -209,7 +209,7 @@ class FluxPipeline:
         return cls(
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
             tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True),
-            tokenizer_2=T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"), local_files_only=True),
+            tokenizer_2=T5Tokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True),
             token_split=token_split,
             compile_cache=cache,
             source=f"{root.resolve()} {mindspore_dtype} mindone={use_mindone_models}",
@@ -240,6 +240,23 @@ class FluxPipeline:
                                   truncation=True, return_tensors="np").input_ids
         return self.run_text_encoder(1, t5_ids)[0], pooled
 
+    def encode_prompt_lists(self, texts: Dict[str, Tuple[List[str], List[str]]],
+                            max_sequence_length: int) -> Dict[str, Tuple[ms.Tensor, ms.Tensor]]:
+        """`encode_prompt` of several (prompts, prompts_2) lists in one batch (each encoder runs once, not once
+        per CFG branch), split back per list."""
+        if not texts:
+            return {}
+        names = list(texts)
+        prompts = [text for name in names for text in texts[name][0]]
+        prompts_2 = [text for name in names for text in texts[name][1]]
+        embeds, pooled = self.encode_prompt(prompts, prompts_2, max_sequence_length)
+        encoded, start = {}, 0
+        for name in names:
+            count = len(texts[name][0])
+            encoded[name] = (embeds[start:start + count], pooled[start:start + count])
+            start += count
+        return encoded
+
     def run_text_encoder(self, index: int, ids: np.ndarray) -> tuple:
         """The outputs of CLIP (index 0) or T5 (1) for token ids."""
         name, encoder = (("clip", self.text_encoder), ("t5", self.text_encoder_2))[index]
@@ -249,7 +266,7 @@ class FluxPipeline:
         """Call a component that graph mode compiles. The first call of each (cell, input signature)
         compiles: the compile cache is told which graph it is (`name`, the cell's class, the inputs'
         shapes and dtypes), and the call's time is counted in `timings["compile"]`."""
-        if ms.get_context("mode") != ms.GRAPH_MODE:
+        if ms.get_context("mode") != ms.GRAPH_MODE or not isinstance(cell, nn.Cell):
             return cell(*args)
         key = (id(cell), tuple(input_signature(arg) for arg in args))
         if key in self._graph_calls:
@@ -458,15 +475,18 @@ class FluxPipeline:
                              context_parallel=None if self.token_split is None else self.token_split.ranks)
 
         with self.timed("encode"):
+            texts = {}
             if prompt_embeds is None:
-                prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompts, prompts_2, max_sequence_length)
-            branches = {"cond": self.text_conditioning(prompt_embeds, pooled_prompt_embeds, num_images_per_prompt)}
+                texts["cond"] = (prompts, prompts_2)
             if negative_prompts is not None:
-                branches["uncond"] = self.text_conditioning(
-                    *self.encode_prompt(negative_prompts, negative_prompts_2, max_sequence_length),
-                    num_images_per_prompt)
-                if batch_cfg:
-                    branches = {BATCHED_CFG: batched_branches(branches["cond"], branches["uncond"])}
+                texts["uncond"] = (negative_prompts, negative_prompts_2)
+            encoded = self.encode_prompt_lists(texts, max_sequence_length)
+            if prompt_embeds is not None:
+                encoded["cond"] = (prompt_embeds, pooled_prompt_embeds)
+            branches = {name: self.text_conditioning(*encoded[name], num_images_per_prompt)
+                        for name in ("cond", "uncond") if name in encoded}
+            if "uncond" in branches and batch_cfg:
+                branches = {BATCHED_CFG: batched_branches(branches["cond"], branches["uncond"])}
             next(iter(branches.values()))[0].asnumpy()  # the encoders' work counted here, not in denoising
 
         latent_height, latent_width = height // self.vae_scale_factor, width // self.vae_scale_factor

@@ -11,7 +11,7 @@ and `tokenizer(prompts, truncation=False).input_ids`.
 CLIPTokenizerFast, which differs from the slow one on some text (see the class docstring).
 `T5Tokenizer` is T5TokenizerFast: the folder's tokenizer.json run by the same Rust library.
 
-Neither module imports transformers or torch (tests/test_tokenizers.py checks it in a fresh interpreter).
+This module imports neither transformers nor torch (tests/test_tokenizers.py checks it in a fresh interpreter).
 """
 
 import json
@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import regex
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 RESTORE = "copy it again from the checkpoint it came from"
@@ -50,7 +50,8 @@ def read_json(path: Path) -> dict:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TokenizerFileError(f"{path} is not valid JSON ({error}): it is damaged or truncated; {RESTORE}") from error
+        raise TokenizerFileError(f"{path} is not valid JSON ({error}): it is damaged or truncated; "
+                                 f"{RESTORE}") from error
     if not isinstance(content, dict):
         raise TokenizerFileError(f"{path} holds a JSON {type(content).__name__}, not an object; {RESTORE}")
     return content
@@ -132,7 +133,8 @@ class PromptTokenizer:
     padding_side: str = "right"
     truncation_side: str = "right"
 
-    def encode_batch(self, texts: List[str], max_length: Optional[int], padding: str) -> List[List[int]]:
+    def encode_batch(self, texts: List[str], max_length: Optional[int]) -> List[List[int]]:
+        """Each text's ids with its special tokens, cut to `max_length` (None: uncut)."""
         raise NotImplementedError
 
     def __call__(self, text: TextInput, padding: Union[bool, str] = False, truncation: Union[None, bool, str] = None,
@@ -153,9 +155,9 @@ class PromptTokenizer:
         texts = [text] if single else list(text)
         if not texts or not all(isinstance(item, str) for item in texts):
             raise TypeError("the tokenizer takes a string or a non-empty list of strings")
-        ids = self.encode_batch(texts, max_length if truncate else None, pad)
+        ids = self.encode_batch(texts, max_length if truncate else None)
         if pad != "no":
-            length = max([max_length or 0] if pad == "max_length" else [len(row) for row in ids] or [0])
+            length = max_length if pad == "max_length" else max(len(row) for row in ids)
             ids, masks = (list(rows) for rows in zip(*(self.pad(row, length) for row in ids)))
         else:
             masks = [[1] * len(row) for row in ids]
@@ -254,7 +256,7 @@ class CLIPTokenizer(PromptTokenizer):
     by tests/test_tokenizers.py): 'ΟΔΟΣ' (str.lower gives a word-final 'ς', fast lowercases letter by
     letter to 'σ'); CJK ideographs, which the slow one makes one word each ('一只' -> two words, fast:
     one); control and format characters such as U+200B, U+00AD, U+FEFF, U+001C, U+0085 and the zero-width
-    joiner inside emoji sequences ('👨\u200d👩'), which the slow one drops and fast keeps as symbols;
+    joiner inside emoji sequences (man ZWJ woman), which the slow one drops and fast keeps as symbols;
     and '<|ENDOFTEXT|>' typed in a prompt, which the slow one lowercases into the eos token while fast,
     when added_tokens_decoder marks that token normalized=false, does not.
 
@@ -278,7 +280,7 @@ class CLIPTokenizer(PromptTokenizer):
                                   (settings.get("added_tokens_decoder") or {}).items()):
             self.added[spec["content"]] = index
             flags[spec["content"]] = spec
-        next_id = len(vocab)
+        next_id = len(vocab.keys() | self.added.keys())  # len(get_vocab()) in transformers
         for content in specials:
             if content not in self.added:
                 self.added[content] = vocab[content] if content in vocab else next_id
@@ -357,7 +359,7 @@ class CLIPTokenizer(PromptTokenizer):
                 ids += [self.token_id(token) for token in tokens]
         return ids
 
-    def encode_batch(self, texts: List[str], max_length: Optional[int], padding: str) -> List[List[int]]:
+    def encode_batch(self, texts: List[str], max_length: Optional[int]) -> List[List[int]]:
         rows = []
         for text in texts:
             ids = self.encode(text)
@@ -372,16 +374,38 @@ class CLIPTokenizer(PromptTokenizer):
 
 # ----- T5 -----
 
+def as_converted_from_spiece(tokenizer: Tokenizer, settings: dict) -> None:
+    """Give `tokenizer` the normalizer and pre-tokenizer that T5TokenizerFast builds when tokenizer_config
+    sets add_prefix_space (FLUX.1-dev's does): transformers then ignores tokenizer.json and converts
+    spiece.model (SpmConverter), whose pieces are tokenizer.json's vocabulary but whose text handling is
+    the newer one: the charsmap normalizer, then right strip and runs of spaces as one '▁', then Metaspace
+    (prepend '▁' always; 'first' for legacy=false; never for add_prefix_space=false). Older tokenizer.json
+    files (t5-v1_1's) split on whitespace instead, which differs on rare characters such as U+0085."""
+    steps = [normalizers.Strip(left=False, right=True), normalizers.Replace(Regex(" {2,}"), "\u2581")]
+    tokenizer.normalizer = normalizers.Sequence(([tokenizer.normalizer] if tokenizer.normalizer else []) + steps)
+    if not settings["add_prefix_space"]:
+        scheme = "never"
+    else:
+        scheme = "always" if settings.get("legacy", True) is not False else "first"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)
+
+
 class T5Tokenizer(PromptTokenizer):
     """transformers' T5TokenizerFast: the folder's tokenizer.json (normalizer, Unigram model and the
     post-processor that appends </s>) run by the `tokenizers` library, with truncation (keeping </s>) and
     padding (pad_token's id, 0 in T5) configured per call as T5TokenizerFast configures them. Special tokens
     of the configs that tokenizer.json lacks among its added tokens are added as transformers adds them
-    (for T5 the `<extra_id_N>` sentinels that `extra_ids` asks for when additional_special_tokens has none)."""
+    (for T5 the `<extra_id_N>` sentinels that `extra_ids` asks for when additional_special_tokens has none).
+    When tokenizer_config sets add_prefix_space (FLUX.1-dev's does) T5TokenizerFast rebuilds itself from
+    spiece.model instead; its text handling is then taken here too (`as_converted_from_spiece`), so
+    spiece.model and sentencepiece are not needed. A folder with spiece.model but no tokenizer.json is
+    refused (transformers would convert it)."""
 
     def __init__(self, tokenizer: Tokenizer, settings: dict, model_max_length: int):
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
+        if settings.get("add_prefix_space") is not None:
+            as_converted_from_spiece(tokenizer, settings)
         self.padding_side = settings.get("padding_side", "right")
         self.truncation_side = settings.get("truncation_side", "right")
         additional = list(settings.get("additional_special_tokens") or [])
@@ -396,7 +420,8 @@ class T5Tokenizer(PromptTokenizer):
         missing = [AddedToken(spec["content"], single_word=spec.get("single_word", False),
                               lstrip=spec.get("lstrip", False), rstrip=spec.get("rstrip", False),
                               normalized=spec.get("normalized", not spec.get("special", False)),
-                              special=spec.get("special", False)) for spec in declared if spec["content"] not in present]
+                              special=spec.get("special", False))
+                   for spec in declared if spec["content"] not in present]
         present |= {token.content for token in missing}
         missing += [AddedToken(content, normalized=False, special=True) for content in specials
                     if content not in present]
@@ -423,7 +448,7 @@ class T5Tokenizer(PromptTokenizer):
                                      f"{RESTORE}") from error
         return cls(tokenizer, settings, max_length)
 
-    def encode_batch(self, texts: List[str], max_length: Optional[int], padding: str) -> List[List[int]]:
+    def encode_batch(self, texts: List[str], max_length: Optional[int]) -> List[List[int]]:
         # Padding is done by PromptTokenizer.pad (right or left, with pad_token_id), as the Rust padding would.
         self.tokenizer.no_padding()
         if max_length is None:

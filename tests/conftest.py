@@ -5,6 +5,11 @@ import os
 # No model hub here: tokenizers and models must load from local folders only. Set before
 # huggingface_hub is first imported (it reads the variable once, at import).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The pipelines' persistent compile cache (models/compile_cache.py) goes to a folder of this run, shared by
+# the workers and the CLI processes the tests start, never to the user's ~/.cache.
+if "FLUX_MS_COMPILE_CACHE" not in os.environ:
+    import tempfile
+    os.environ["FLUX_MS_COMPILE_CACHE"] = os.path.join(tempfile.gettempdir(), f"flux-ms-test-cache-{os.getppid()}")
 
 from typing import Dict, Optional
 

@@ -83,9 +83,11 @@ def test_uncached_images_match_diffusers(ours, theirs):
     assert output.cache_summaries == {}
 
 
-def test_true_cfg_matches_diffusers(ours, theirs):
+@pytest.mark.parametrize("batch_cfg", [True, False])
+def test_true_cfg_matches_diffusers(ours, theirs, batch_cfg):
+    """Both branches as one batch (default) or as two calls: diffusers' true CFG either way."""
     latents = initial_latents(ours, seed=1)
-    output = run_ours(ours, latents, negative_prompt=NEGATIVE, true_cfg_scale=2.5)
+    output = run_ours(ours, latents, negative_prompt=NEGATIVE, true_cfg_scale=2.5, batch_cfg=batch_cfg)
     reference = run_theirs(theirs, latents, negative_prompt=NEGATIVE, true_cfg_scale=2.5)
     assert relative_max_error(np.stack(output.images), reference) <= IMAGE_BOUND
     without_cfg = np.stack(run_ours(ours, latents).images)
@@ -117,10 +119,29 @@ def test_first_block_cache_matches_diffusers_hook(folder, ours):
     assert relative_max_error(uncached, reference) > IMAGE_BOUND, "the cache must have changed something"
 
 
+def test_batched_cfg_takes_one_decision_for_both_branches(ours):
+    """One context for the stacked batch: its diff is over both branches, so a threshold between the two
+    branches' own step-1 diffs gives one decision, taken for both, in one compiled graph."""
+    latents = initial_latents(ours, seed=3)
+    cfg = dict(negative_prompt=NEGATIVE, true_cfg_scale=2.0)
+    separate = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=0.0), batch_cfg=False,
+                        **cfg).cache_summaries
+    batched = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=0.0), **cfg)
+    assert set(batched.cache_summaries) == {"cond+uncond"}
+    joint = batched.cache_summaries["cond+uncond"]["diffs"]
+    low, high = sorted((separate["cond"]["diffs"][1], separate["uncond"]["diffs"][1]))
+    assert low < joint[1] < high, "the joint diff weighs both branches"
+    cached = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=high * 1.01), **cfg)
+    assert cached.cache_summaries["cond+uncond"]["cached"][1], "step 1 hits for both branches at once"
+    keys = [key for key in ours._cached_transformers if key[0] == "cond+uncond"]
+    assert keys and all(key[1] == 2 for key in keys), "the cached graph runs the batch of both branches"
+    assert relative_max_error(np.stack(cached.images), np.stack(batched.images)) > 1e-4, "the hit changed the image"
+
+
 def test_true_cfg_keeps_one_cache_per_branch(ours):
     latents = initial_latents(ours, seed=3)
     output = run_ours(ours, latents, negative_prompt=NEGATIVE, true_cfg_scale=2.0,
-                      cache=FBCacheConfig(residual_diff_threshold=0.0))
+                      cache=FBCacheConfig(residual_diff_threshold=0.0), batch_cfg=False)
     assert set(output.cache_summaries) == {"cond", "uncond"}
     cond, uncond = output.cache_summaries["cond"]["diffs"], output.cache_summaries["uncond"]["diffs"]
     assert len(cond) == len(uncond) == STEPS and cond[1:] != uncond[1:]
@@ -128,7 +149,7 @@ def test_true_cfg_keeps_one_cache_per_branch(ours):
 
 def test_synced_cfg_branches_take_the_cond_decisions_without_a_recompile(ours):
     latents = initial_latents(ours, seed=3)
-    cfg = dict(negative_prompt=NEGATIVE, true_cfg_scale=2.0)
+    cfg = dict(negative_prompt=NEGATIVE, true_cfg_scale=2.0, batch_cfg=False)
     diffs = run_ours(ours, latents, cache=FBCacheConfig(residual_diff_threshold=0.0), **cfg).cache_summaries
     # Between the branches' step-1 diffs: exactly one branch caches step 1 on its own.
     threshold = (diffs["cond"]["diffs"][1] + diffs["uncond"]["diffs"][1]) / 2
@@ -284,7 +305,8 @@ def test_the_first_non_finite_step_is_reported(ours):
 
     text = ms.Tensor(np.zeros((1, 4, 64), np.float32)), ms.Tensor(np.zeros((1, 32), np.float32)), None
     with pytest.raises(NonFiniteError, match="at step 2 of 5"):
-        ours.denoise(latents, timesteps, {"cond": text}, {"cond": breaks_at_step_2}, None, None, 1.0, None, False)
+        ours.denoise(latents, timesteps, {"cond": text}, {"cond": breaks_at_step_2}, None, None, 1.0, None, False,
+                     forward_batch=1)
     assert calls == [0, 1, 2, 3, 4]
 
 
@@ -302,8 +324,8 @@ def test_prompts_longer_than_the_encoders_read_are_not_cut_silently(ours):
 
 
 def test_pynative_mode_gives_the_graph_image(ours):
-    """PyNative on CPU used to crash in mindone's T5 (no PyNative CPU kernel for Embedding); the text
-    encoders now run as graphs there, the transformer and VAE step by step."""
+    """PyNative on CPU used to crash in mindone's T5 (no PyNative CPU kernel for Embedding); the portable
+    text encoders, transformer and VAE all run op by op there."""
     latents = initial_latents(ours, seed=2)
     cache = FBCacheConfig(residual_diff_threshold=0.5, taylorseer_derivative=1)
     graph = run_ours(ours, latents, cache=cache, negative_prompt=NEGATIVE, true_cfg_scale=2.0)
@@ -312,7 +334,7 @@ def test_pynative_mode_gives_the_graph_image(ours):
         pynative = run_ours(ours, latents, cache=cache, negative_prompt=NEGATIVE, true_cfg_scale=2.0)
     finally:
         set_mode("graph")
-    assert pynative.cache_summaries["cond"]["cached"] == graph.cache_summaries["cond"]["cached"]
+    assert pynative.cache_summaries["cond+uncond"]["cached"] == graph.cache_summaries["cond+uncond"]["cached"]
     error = relative_max_error(np.stack(pynative.images), np.stack(graph.images))
     print(f"PyNative vs graph image: relative max error {error:.2e}")
     assert error <= SAME_MODEL_BOUND
