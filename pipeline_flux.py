@@ -142,7 +142,7 @@ class FluxPipeline:
 
     def __init__(self, scheduler, vae: AutoencoderKL, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  transformer, token_split: Optional[TokenSplit] = None, compile_cache: Optional[CompileCache] = None,
-                 source: Optional[str] = None):
+                 source: Optional[list] = None):
         self.scheduler = scheduler
         self.vae = vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -212,7 +212,7 @@ class FluxPipeline:
             tokenizer_2=T5Tokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True),
             token_split=token_split,
             compile_cache=cache,
-            source=f"{root.resolve()} {mindspore_dtype} mindone={use_mindone_models}",
+            source=[str(root.resolve()), str(mindspore_dtype), use_mindone_models, weights_identity(root)],
             **models,
         )
 

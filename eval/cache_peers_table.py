@@ -286,7 +286,8 @@ def generate_ours(settings: Sequence[Setting], root: Path, prompts: Sequence[str
             start = time.perf_counter()
             output = pipeline(prompts[index], negative_prompt="", true_cfg_scale=TRUE_CFG_SCALE, height=HEIGHT,
                               width=WIDTH, num_inference_steps=steps, latents=initial_latents(index),
-                              output_type="np", cache=cache)
+                              output_type="np", cache=cache,
+                              batch_cfg=False)  # per-branch calls, as diffusers and cache-dit run true CFG
             seconds = time.perf_counter() - start
             fractions = ([1.0] * 2 * steps if cache is None else
                          ours_call_fractions(output.cache_summaries, cache.fn_compute_blocks,

@@ -69,7 +69,7 @@ def table(rows: Sequence[scoring.Row], images_dir: Path, steps: int, real_clip_s
           real_frechet: float) -> str:
     timings = {row.setting: generation_records(images_dir / row.setting / RESOLUTION) for row in rows}
     baseline_time = statistics.median(record["seconds"] for record in timings["baseline"].values())
-    lines = ["| setting | steps computed (cond / uncond, of %d) | time per image (s) | speedup | PSNR (dB) | SSIM | "
+    lines = ["| setting | steps computed (per cache: cond+uncond, or cond / uncond, of %d) | time per image (s) | speedup | PSNR (dB) | SSIM | "
              "judge CLIP score | Frechet distance to real renders |" % steps, "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         records = list(timings[row.setting].values())

@@ -75,6 +75,14 @@ def file_sha256(path: Path) -> str:
     return hasher.hexdigest()
 
 
+def intact(path: Path, sha256: Optional[str]) -> bool:
+    """The file exists and has the content the manifest recorded."""
+    try:
+        return file_sha256(path) == sha256
+    except OSError:
+        return False
+
+
 def source_files() -> List[Path]:
     """The project's sources and the files MindSpore itself checks (the entry script and its imports)."""
     from mindspore.graph.api import _get_compile_cache_dep_files
@@ -101,6 +109,11 @@ def weights_identity(folder: Path) -> List[object]:
     return identity
 
 
+def folder_key(run_key: Mapping[str, object]) -> str:
+    """The folder of a run: this environment and sources, and the run's own graph-shaping key."""
+    return digest([environment_key(), run_key])[:32]
+
+
 class CompileCache:
     """The compile cache of one process: `activate` once, then `compiling(signature)` around each compile."""
 
@@ -110,6 +123,7 @@ class CompileCache:
         self.working: Optional[Path] = None
         self.position = 0
         self.expected: Dict[int, str] = {}
+        self.stored = 0  # verified graphs found in the shared folder at activation
         self.enabled = True
         self.note = "not used yet"
 
@@ -118,19 +132,25 @@ class CompileCache:
         Called once, before the process's first compile (MindSpore fixes the folder then)."""
         if self.shared is not None or not self.enabled:
             return
-        key = digest([environment_key(), run_key])[:32]
+        from mindspore.graph import api
+
+        if not (api.entry_script_path and os.path.isfile(api.entry_script_path)):
+            self.disable("MindSpore's compile cache reads the entry script's imports, and this process has no script "
+                         f"file (sys.argv[0] is {sys.argv[0] if sys.argv else None!r}: python -c or an interactive "
+                         "session); compiling as usual", warn=True)
+            return
         try:
-            self.shared = self.root / key
+            self.shared = self.root / folder_key(run_key)
             self.shared.mkdir(parents=True, exist_ok=True)
             self.working = Path(tempfile.mkdtemp(prefix="work-", dir=self.root))
             (self.working / GRAPH_FOLDER).mkdir(parents=True)
-            reused = self._copy_verified_entries()
+            self.stored = self._copy_verified_entries()
         except OSError as error:
             self.disable(f"the compile cache folder {self.root} cannot be used ({error}); compiling as usual "
                          "(--no_compile_cache silences this)", warn=True)
             return
         atexit.register(self.close)
-        self.note = f"{self.shared} ({reused} graphs stored)"
+        self.note = f"{self.shared} ({self.stored} graphs stored)"
 
     def _manifest(self) -> dict:
         try:
@@ -143,21 +163,24 @@ class CompileCache:
         """Copy the entries whose content matches the manifest; a damaged one is left to compile again."""
         manifest = self._manifest()
         source, target = self.shared / GRAPH_FOLDER, self.working / GRAPH_FOLDER
+        copied = 0
         for position, entry in manifest.get("entries", {}).items():
-            name = f"{ENTRY_PREFIX}{position}{ENTRY_SUFFIX}"
             try:
-                intact = file_sha256(source / name) == entry["sha256"]
-            except (OSError, KeyError, TypeError):
-                intact = False
-            if intact:
+                position, signature, sha256 = int(position), str(entry["signature"]), entry["sha256"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a manifest line no version of this module wrote: its file is not used
+            name = f"{ENTRY_PREFIX}{position}{ENTRY_SUFFIX}"
+            # The position keeps its signature either way: only that graph may be compiled there.
+            self.expected[position] = signature
+            if intact(source / name, sha256):
                 shutil.copyfile(source / name, target / name)
-                self.expected[int(position)] = entry["signature"]
+                copied += 1
             else:
                 warnings.warn(f"compile cache entry {source / name} is damaged or missing; that graph compiles "
                               "again", UserWarning, stacklevel=4)
-        if self.expected and (source / DEPENDENCY_HASH).is_file():
+        if copied and (source / DEPENDENCY_HASH).is_file():
             shutil.copyfile(source / DEPENDENCY_HASH, target / DEPENDENCY_HASH)
-        return len(self.expected)
+        return copied
 
     def disable(self, reason: str, warn: bool = False) -> None:
         self.enabled = False
@@ -204,11 +227,10 @@ class CompileCache:
                     stored = entries.get(str(position))
                     if (stored and stored.get("signature") != signature) or not (source / name).is_file():
                         continue
-                    sha = file_sha256(source / name)
-                    if stored and stored.get("sha256") == sha and (target / name).is_file():
+                    if stored and intact(target / name, stored.get("sha256")):
                         continue
                     self._place(source / name, target / name)
-                    entries[str(position)] = {"signature": signature, "sha256": sha}
+                    entries[str(position)] = {"signature": signature, "sha256": file_sha256(target / name)}
                 if (source / DEPENDENCY_HASH).is_file() and not (target / DEPENDENCY_HASH).is_file():
                     self._place(source / DEPENDENCY_HASH, target / DEPENDENCY_HASH)
                 partial = self.shared / f".{MANIFEST}.{os.getpid()}"

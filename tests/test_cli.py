@@ -39,9 +39,14 @@ def test_default_checkpoint_runs_quietly_and_writes_a_png(tmp_path):
     assert "shipped emoji-world Flux" in out and "28/28" in err
     for notice in ("[WARNING]", "Config not found", "Some weights", "Warning"):
         assert notice not in out + err, (out + err)[-3000:]
-    cached = [int(count) for count in re.findall(r"^FBCache (?:cond|uncond): 28 steps, \d+ computed, (\d+) cached",
+    # Both CFG branches as one batch: one cache, one decision per step.
+    cached = [int(count) for count in re.findall(r"^FBCache cond\+uncond: 28 steps, \d+ computed, (\d+) cached",
                                                   out, re.MULTILINE)]
-    assert len(cached) == 2 and min(cached) > 0, out[-3000:]
+    assert len(cached) == 1 and cached[0] > 0, out[-3000:]
+    timings = re.search(r"^time: import \+ load ([\d.]+) s, compile ([\d.]+) s, encode ([\d.]+) s, denoise "
+                        r"([\d.]+) s, decode ([\d.]+) s$", out, re.MULTILINE)
+    assert timings and float(timings[4]) > 0, out[-3000:]
+    assert re.search(rf"^cache \(cond\+uncond\): {cached[0]} of 28 steps cached, at most [\d.]+ s", out, re.MULTILINE)
     assert (tmp_path / "fbcache_0.png").is_file()
 
 
@@ -63,7 +68,7 @@ def test_baseline_comparison_true_cfg_and_every_cache_flag(folder, tmp_path):
                      "a dog", "--negative_prompt", "blurry", "--true_cfg_scale", "2", "--residual_diff_threshold",
                      "0.9", "--taylorseer_derivative", "2", "--warmup_steps", "1", "--max_cached_steps", "1",
                      "--max_continuous_cached_steps", "1", "--fn_compute_blocks", "2", "--bn_compute_blocks", "1",
-                     "--verbose")
+                     "--separate_cfg_branches", "--verbose")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "FBCache summary (cond branch)" in out and "FBCache summary (uncond branch)" in out
@@ -83,7 +88,7 @@ def test_forecast_gate_probe_skip_and_branch_sync_flags(folder, tmp_path):
     result = run_cli("--ckpt", folder, "--save_path", tmp_path, *FAST, *steps, "--prompt", "a fox", "--negative_prompt",
                      "blurry", "--true_cfg_scale", "2", "--residual_diff_threshold", "1e9", "--taylorseer_derivative",
                      "1", "--forecast_space", "sigma", "--verify_forecast", "--skip_probe_steps", "1",
-                     "--sync_cfg_branches")
+                     "--sync_cfg_branches", "--separate_cfg_branches")
     assert result.returncode == 0, result.stderr[-3000:]
     # C computed, H hit, S hit that also skipped the probe; one line per branch.
     assert re.findall(r"^FBCache (?:cond|uncond): .* \[([CHS]+)\]", result.stdout, re.MULTILINE) == ["CHSH"] * 2

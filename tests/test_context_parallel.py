@@ -59,7 +59,9 @@ def test_two_ranks_draw_the_single_process_image(runs, setting):
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", [name for name, cache in SETTINGS.items() if cache is not None])
 def test_every_rank_takes_the_single_process_decisions(runs, setting):
-    for branch in ("cond", "uncond"):
+    branches = {key.split("/")[1] for key in runs["one"][0] if key.startswith(f"{setting}/") and key.endswith("/cached")}
+    assert branches == ({"cond", "uncond"} if "sync" in setting else {"cond+uncond"}), branches
+    for branch in sorted(branches):
         decisions = runs["one"][0][f"{setting}/{branch}/cached"]
         assert decisions.any() and not decisions.all(), "the setting must both hit and miss to test anything"
         diffs = runs["one"][0][f"{setting}/{branch}/diffs"]
