@@ -27,7 +27,7 @@ cached residual's forecast), so a step is skipped when the forecast has just pro
 (forecast-then-verify, as SpeCa does). At order 0 the two gates are the same.
 
 Three settings save more compute per unit of image change (measured on the shipped emoji model, 28 steps,
-true CFG: see the README's peer table):
+true CFG: see the peer table in docs/cache_peers.md):
 - `skip_probe_steps=k`: after a hit, up to k following steps run no block at all and take the probe's
   residual from its forecast as well. On a model whose first block is a large share of the compute (1/6
   here, 1/57 on FLUX.1-dev) the probe otherwise caps the speedup.

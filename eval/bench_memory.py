@@ -16,7 +16,7 @@ Why: the speed table reported 12.9 GiB for the mid pipeline at 512x512 whatever 
 size_t index tables of the output's size (4x an fp32 output) for every broadcasting launch, for the
 graph's lifetime. With the model's broadcasts made explicit (`models.layers.broadcast`) a graph keeps
 0.94 GiB (first) and 0.37 GiB (second), and loading adds 0.88 GiB for 0.80 GiB of weights (1.60 with
-mindone's `load_file`); the printed table is the evidence, README "Host memory" the details.
+mindone's `load_file`); the printed table is the evidence, docs/benchmarks.md "Host memory" the details.
 """
 
 import argparse

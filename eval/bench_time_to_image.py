@@ -275,7 +275,7 @@ def worker_ours(images: int) -> dict:
         seconds = time.perf_counter() - started
         steps = {branch: dict(steps=summary["steps"], computed=summary["steps_computed"],
                               cached=summary["steps_cached"]) for branch, summary in output.cache_summaries.items()}
-        return dict(seconds=seconds, steps=steps)
+        return dict(seconds=seconds, steps=steps, phases_s=dict(pipeline.timings))
 
     report = worker_loop("ours", images, generate)
     report.update(threads=ms.get_context("runtime_num_threads"), thread_setting="MindSpore runtime_num_threads",
@@ -290,15 +290,16 @@ def worker_diffusers(images: int) -> dict:
     import torch
     from diffusers import FirstBlockCacheConfig
 
-    from eval.diffusers_main_job import ComputedStepCounter, generate as generate_image, load_pipeline
+    from eval.diffusers_main_job import ComputedStepCounter, PhaseTimer, generate as generate_image, load_pipeline
 
     pipeline = load_pipeline()
-    counter = ComputedStepCounter(pipeline.transformer)
+    counter, phases = ComputedStepCounter(pipeline.transformer), PhaseTimer(pipeline)
 
     def generate(mode: str, index: int, seed: int) -> dict:
         if mode == "cached":
             pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=THRESHOLD))
         counter.reset()
+        phases.reset()
         try:
             started = time.perf_counter()
             generate_image(pipeline, PROMPTS[index % len(PROMPTS)], seed)
@@ -306,7 +307,8 @@ def worker_diffusers(images: int) -> dict:
         finally:
             if mode == "cached":
                 pipeline.transformer.disable_cache()
-        return dict(seconds=seconds, steps=counter.summary() if mode == "cached" else {})
+        times = dict(phases.seconds, denoise=seconds - sum(phases.seconds.values()))
+        return dict(seconds=seconds, steps=counter.summary() if mode == "cached" else {}, phases_s=times)
 
     report = worker_loop("diffusers", images, generate)
     report.update(threads=torch.get_num_threads(), thread_setting="torch.get_num_threads()",
@@ -328,7 +330,9 @@ def worker_loop(side: str, images: int, generate) -> dict:
             samples.append(sample)
             computed = next(iter(sample["steps"].values()), None)
             counts = f" ({computed['computed']}/{computed['steps']} steps computed)" if computed else ""
-            progress(f"{WORKER_SETTINGS[side, mode]}: image {index + 1}/{images} {sample['seconds']:.2f} s{counts}")
+            inside = ", ".join(f"{name} {value:.2f}" for name, value in sample["phases_s"].items())
+            progress(f"{WORKER_SETTINGS[side, mode]}: image {index + 1}/{images} {sample['seconds']:.2f} s "
+                     f"({inside}){counts}")
     return dict(warmup_s=warmup, samples=samples)
 
 

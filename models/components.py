@@ -1,6 +1,6 @@
 """Checks that a diffusers FLUX folder's components exist, parse and fit each other, before any weight is read.
 
-The weight loaders (models/loading.py, pipeline_flux.load_text_encoder) check each model's weights
+The weight loaders (models/loading.py, models/text_encoders.py) check each model's weights
 against its own config, but only after loading the ones before it, and nothing checks the rest:
 transformers and diffusers read tokenizer and scheduler files with raw tracebacks or silent defaults,
 and text encoders whose widths do not match the transformer load fine and fail mid-generation.
@@ -115,17 +115,14 @@ def parse_tokenizer(path: Path, parse: Callable[[str], object]) -> None:
 
 
 def check_t5_tokenizer(root: Path) -> None:
-    """tokenizer_2/ (T5TokenizerFast): tokenizer.json, or else the SentencePiece model transformers converts."""
+    """tokenizer_2/: the pipeline's T5 tokenizer (models/tokenizers.py) reads tokenizer.json."""
     folder = model_folder(str(root), "tokenizer_2")
-    if (folder / "tokenizer.json").is_file():
-        parse_tokenizer(folder / "tokenizer.json", Tokenizer.from_file)
-    elif (folder / "spiece.model").is_file():
-        from sentencepiece import SentencePieceProcessor  # not a dependency: only such folders need it
-
-        parse_tokenizer(folder / "spiece.model", lambda path: SentencePieceProcessor(model_file=path))
-    else:
-        raise FileNotFoundError(f"{folder} has neither tokenizer.json nor spiece.model: the T5 tokenizer needs one "
-                                f"of them; {RESTORE}")
+    if not (folder / "tokenizer.json").is_file():
+        fix = (" (a SentencePiece spiece.model is there: write tokenizer.json from it once with transformers' "
+               "T5TokenizerFast.from_pretrained(folder).save_pretrained(folder))"
+               if (folder / "spiece.model").is_file() else f"; {RESTORE}")
+        raise FileNotFoundError(f"{folder} has no tokenizer.json, which the T5 tokenizer reads{fix}")
+    parse_tokenizer(folder / "tokenizer.json", Tokenizer.from_file)
     tokenizer_max_length(folder)
 
 

@@ -403,7 +403,7 @@ def test_prompt_sets_are_distinct_prompts():
 TESTS_DIR = Path(__file__).resolve().parent
 GENERATE = TESTS_DIR / "generate_clip_score_datas.py"
 SCORE = TESTS_DIR / "flux_accuracy_test.py"
-# 2 steps, the second cached: a random-weight model's first-block diffs are ~0.6-0.9 (README), below 1.5.
+# 2 steps, the second cached: a random-weight model's first-block diffs are ~0.6-0.9 (docs/benchmarks.md), below 1.5.
 CACHED = "fbcache_1.5"
 SMALL_JOB_ARGS = ["--prompt_set", "smoke", "--settings", "baseline", "--thresholds", "1.5", "--image_size", "64x64",
                   "--num_inference_steps", "2", "--max_sequence_length", "16"]   # all 4 prompts unless --num_prompts

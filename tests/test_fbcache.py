@@ -367,7 +367,7 @@ def test_guards_limit_cached_steps(f1_model, inputs, limits, expected):
     (dict(skips_after_compute=2, max_continuous_cached_steps=2), "CCCSSCSS"),
 ])
 def test_guards_make_the_documented_fixed_schedules(f1_model, inputs, skips, expected):
-    """README's fixed schedules: every step may hit (threshold 100) after 3 warm-up steps."""
+    """The fixed schedules of docs/cache_peers.md (Choosing settings): every step may hit (threshold 100) after 3 warm-up steps."""
     model, context = f1_model
     context.configure(**{**PLAIN_SETTINGS, "residual_diff_threshold": 100.0, "warmup_steps": 3, **skips})
     _, stats = generate(model, context, inputs)

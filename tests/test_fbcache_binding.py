@@ -46,7 +46,7 @@ def test_context_does_not_shadow_mindones_cache_context_method():
 
 
 def test_documented_binding_wrapper_and_enable_fbcache_run_the_same_cached_steps():
-    """The README's `model.construct = MethodType(...)` binding, `enable_fbcache` and the
+    """docs/usage.md's `model.construct = MethodType(...)` binding, `enable_fbcache` and the
     `FBCachedTransformer` wrapper compile the same cached forward: equal outputs and decisions over
     three steps that include a hit (threshold 1e9: step 1 hits)."""
     inputs = make_inputs(1, 4, 4, 5, guidance=True, seed=1).as_dict()

@@ -1,4 +1,4 @@
-"""The model contract shared with mindone's FluxTransformer2DModel (DESIGN.md), which the cached
+"""The model contract shared with mindone's FluxTransformer2DModel (docs/design.md), which the cached
 forward is written against: attribute names, block call signature and return order, parameter names."""
 
 import inspect
