@@ -214,12 +214,8 @@ def run_process(run: str, scratch: Path, compile_cache: Optional[Path]) -> dict:
 
 def describe_process(sample: dict) -> str:
     parsed = sample["parsed"]
-    if sample["run"].startswith("ours"):
-        times = parsed["times_s"]
-        counts = next(iter(parsed["fbcache"].values()), None)
-    else:
-        times = parsed["times_s"]
-        counts = next(iter(parsed.get("fbcache_steps", {}).values()), None)
+    times = parsed["times_s"]
+    counts = next(iter((parsed.get("fbcache") or parsed.get("fbcache_steps") or {}).values()), None)
     inside = ", ".join(f"{name} {value:.2f}" for name, value in times.items() if name not in ("total", "save"))
     computed = f"; {counts['computed']}/{counts['steps']} steps computed" if counts else ""
     return f"{sample['wall_s']:.2f} s ({inside}{computed})"
