@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile every graph in this run instead of loading the ones an earlier run stored "
                              "(the cache lives in $FLUX_MS_COMPILE_CACHE, else $XDG_CACHE_HOME/flux-fbcache-ms or "
                              "~/.cache/flux-fbcache-ms; --verbose prints it)")
+    parser.add_argument("--compile_all", action="store_true",
+                        help="compile the text encoders and the VAE too (default: they run op by op, which is faster "
+                             "for the one encode and one decode of a run unless their graphs are in the compile "
+                             "cache; --compare_baseline compiles them)")
     parser.add_argument("--separate_cfg_branches", action="store_true",
                         help="with true CFG, run the cond and uncond branches as two transformer calls with a cache "
                              "each (default: one call on both as a batch, one cache decision per step)")
@@ -246,7 +250,7 @@ def load_pipeline(args: argparse.Namespace):
         check_device_target(args.device_target)
         import mindspore as ms
         from models.embedded import embedded_checkpoint
-        from pipeline_flux import DTYPES, FluxPipeline
+        from pipeline_flux import DTYPES, OP_BY_OP_COMPONENTS, FluxPipeline
     # set_context, not set_device: set_device refuses a process whose runtime already ran a kernel
     # (a caller of main(), such as the tests).
     ms.set_context(mode=ms.GRAPH_MODE if args.use_graph_mode else ms.PYNATIVE_MODE, device_target=args.device_target)
@@ -261,6 +265,9 @@ def load_pipeline(args: argparse.Namespace):
                                             use_mindone_models=args.mindone_models,
                                             context_parallel=args.context_parallel,
                                             compile_cache=args.use_graph_mode and not args.no_compile_cache)
+    # One generation encodes and decodes once: op by op that is faster than compiling (FluxPipeline.op_by_op).
+    if not (args.compare_baseline or args.compile_all):
+        pipeline.op_by_op = OP_BY_OP_COMPONENTS
     if args.verbose:
         print(f"compile cache: {'off' if pipeline.compile_cache is None else pipeline.compile_cache.root}")
     return pipeline
