@@ -82,11 +82,14 @@ class CLIPTextConfig:
 
 
 @lru_cache(maxsize=None)
-def causal_mask(length: int) -> Tensor:
+def causal_mask(length: int) -> np.ndarray:
     """(length, length) fp32 additive mask: 0 on and below the diagonal, fp32's lowest value above it
-    (transformers' `_create_4d_causal_attention_mask`). A host constant, so the graph folds it."""
+    (transformers' `_create_4d_causal_attention_mask`). A host constant, so the graph folds it; cached as
+    numpy, and made a Tensor where it is used, so that no Tensor object is shared between graphs."""
     upper = np.triu(np.ones((length, length), dtype=bool), k=1)
-    return Tensor(np.where(upper, np.finfo(np.float32).min, 0).astype(np.float32))
+    mask = np.where(upper, np.finfo(np.float32).min, 0).astype(np.float32)
+    mask.setflags(write=False)
+    return mask
 
 
 class CLIPAttention(nn.Cell):
@@ -177,7 +180,7 @@ class CLIPTextTransformer(nn.Cell):
 
     def construct(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
         ids = input_ids.astype(ms.int32)
-        hidden = self.encoder(self.embeddings(ids), causal_mask(ids.shape[1]))
+        hidden = self.encoder(self.embeddings(ids), Tensor(causal_mask(ids.shape[1])))
         hidden = self.final_layer_norm(hidden)
         if self.eos_token_id == LEGACY_CLIP_EOS_TOKEN_ID:
             eos = ids == ops.amax(ids, -1, keepdims=True)  # the highest id, as transformers' legacy argmax of ids

@@ -182,10 +182,17 @@ class CompileCache:
             shutil.copyfile(source / DEPENDENCY_HASH, target / DEPENDENCY_HASH)
         return copied
 
+    def switch_mindspore_cache(self, on: bool) -> None:
+        """MindSpore's own compile cache, on (into the working folder) or off; the only place that touches it."""
+        if on:
+            ms.set_context(enable_compile_cache=True, compile_cache_path=str(self.working))
+        else:
+            ms.set_context(enable_compile_cache=False)
+
     def disable(self, reason: str, warn: bool = False) -> None:
         self.enabled = False
         self.note = f"off: {reason}"
-        ms.set_context(enable_compile_cache=False)
+        self.switch_mindspore_cache(False)
         if warn:
             warnings.warn(reason, UserWarning, stacklevel=3)
 
@@ -199,14 +206,14 @@ class CompileCache:
             self.disable(f"graph {self.position} of this run ({signature}) differs from the stored one "
                          f"({expected}); compiling the rest without the cache")
             return
-        ms.set_context(enable_compile_cache=True, compile_cache_path=str(self.working))
+        self.switch_mindspore_cache(True)
 
     def end(self, signature: str, compiled: bool) -> None:
         """The call is done: the cache goes off, so that no one else's compile moves MindSpore's count. If
         the call compiled (loaded or built) a graph, that graph took this position."""
         if not self.enabled or self.working is None:
             return
-        ms.set_context(enable_compile_cache=False)
+        self.switch_mindspore_cache(False)
         if compiled:
             self.expected.setdefault(self.position, signature)
             self.position += 1

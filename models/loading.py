@@ -15,18 +15,15 @@ from mindspore import Parameter, Tensor, nn
 from mindspore.nn.utils import no_init_parameters
 from safetensors import safe_open
 
+from .checkpoint_files import RESTORE, CheckpointError, read_json_object  # noqa: F401 (re-exported)
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
 SUPPORTED_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 MAX_LISTED_KEYS = 10
-RESTORE = "copy it again from the checkpoint it came from"
 
 ModelT = TypeVar("ModelT")
 StoredTensors = Dict[str, Tuple[Tuple[int, ...], Path]]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder exists but its config or weights do not describe the requested model."""
 
 
 def model_folder(path: str, subfolder: Optional[str]) -> Path:
@@ -37,19 +34,6 @@ def model_folder(path: str, subfolder: Optional[str]) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {root} has no '{subfolder}/' subfolder")
     return folder
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object: missing, unparsable (truncated) or other JSON is refused."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the pipeline folder is incomplete; {RESTORE}")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}): it is damaged or truncated; {RESTORE}") from error
-    if not isinstance(content, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(content).__name__}, not an object; {RESTORE}")
-    return content
 
 
 def read_config(folder: Path, class_name: str, required_keys: Tuple[str, ...]) -> dict:

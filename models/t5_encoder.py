@@ -90,16 +90,19 @@ def bucket_boundaries(num_buckets: int, max_distance: int) -> Tuple[int, ...]:
 
 
 @lru_cache(maxsize=None)
-def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> Tensor:
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
     """(length, length) int32 bucket of each (query, key) pair: transformers' bidirectional
-    `_relative_position_bucket(key - query)`. A host constant per sequence length, so the graph folds it."""
+    `_relative_position_bucket(key - query)`. A host constant per sequence length, so the graph folds it;
+    cached as numpy, and made a Tensor where it is used, so that no Tensor object is shared between graphs."""
     half = num_buckets // 2
     max_exact = half // 2
     relative = np.arange(length)[None, :] - np.arange(length)[:, None]
     distance = np.abs(relative)
     large = max_exact + np.searchsorted(bucket_boundaries(half, max_distance), distance, side="right")
     buckets = np.where(distance < max_exact, distance, large) + half * (relative > 0)
-    return Tensor(buckets.astype(np.int32))
+    buckets = buckets.astype(np.int32)
+    buckets.setflags(write=False)
+    return buckets
 
 
 class T5Attention(nn.Cell):
@@ -121,7 +124,7 @@ class T5Attention(nn.Cell):
 
     def position_bias(self, length: int) -> Tensor:
         """(heads, length, length) bias of every query-key pair."""
-        buckets = relative_position_buckets(length, self.num_buckets, self.max_distance)
+        buckets = Tensor(relative_position_buckets(length, self.num_buckets, self.max_distance))
         return self.relative_attention_bias(buckets).transpose(2, 0, 1)
 
     def construct(self, x: Tensor, position_bias: Tensor) -> Tensor:

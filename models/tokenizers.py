@@ -14,7 +14,6 @@ CLIPTokenizerFast, which differs from the slow one on some text (see the class d
 This module imports neither transformers nor torch (tests/test_tokenizers.py checks it in a fresh interpreter).
 """
 
-import json
 import unicodedata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -24,7 +23,8 @@ import regex
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-RESTORE = "copy it again from the checkpoint it came from"
+from .checkpoint_files import RESTORE, read_json_object
+
 # CLIPTokenizer reads at most this many merges (49152 tokens - 256 bytes - 2 specials; the first line
 # of merges.txt is a '#version' header it skips).
 CLIP_MAX_MERGES = 49152 - 256 - 2
@@ -44,17 +44,7 @@ class TokenizerFileError(ValueError):
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from `path`, refused with the file's name when missing, damaged or not an object."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the tokenizer folder is incomplete; {RESTORE}")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TokenizerFileError(f"{path} is not valid JSON ({error}): it is damaged or truncated; "
-                                 f"{RESTORE}") from error
-    if not isinstance(content, dict):
-        raise TokenizerFileError(f"{path} holds a JSON {type(content).__name__}, not an object; {RESTORE}")
-    return content
+    return read_json_object(path, TokenizerFileError)
 
 
 def read_settings(folder: Path) -> Tuple[dict, int]:

@@ -7,7 +7,6 @@ fresh process (tests/compile_cache_job.py) on the shipped model, 3 steps of cach
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 
 from models.compile_cache import GRAPH_FOLDER, MANIFEST, CompileCache, file_sha256
-from models.embedded import SHIPPED_PIPELINE
 
 JOB = Path(__file__).with_name("compile_cache_job.py")
 
@@ -154,25 +152,25 @@ def test_an_unwritable_cache_folder_warns_once_and_runs(reference, tmp_path):
         np.testing.assert_array_equal(images[size], reference[size])
 
 
-def test_positions_are_checked_in_process(tmp_path):
+def test_positions_are_checked_in_process(tmp_path, monkeypatch):
     """The manifest check itself: a stored signature at this position other than the graph about to compile
-    switches the cache off; the same one, or a new position, keeps it on. (No graph compiles here: this
-    pytest worker has no entry script, so MindSpore's own cache could not run in it.)"""
-    import mindspore as ms
-
+    switches the cache off; the same one, or a new position, keeps it on. MindSpore's own cache is not
+    touched here (this pytest worker has no entry script, and the rest of the worker's tests should run
+    with it as they find it): the switch is recorded instead."""
     cache = CompileCache(tmp_path)
     cache.shared, cache.working = tmp_path / "shared", tmp_path / "working"
-    try:
-        cache.begin("graph A")
-        cache.end("graph A", compiled=True)
-        cache.begin("graph B")
-        cache.end("graph B", compiled=False)
-        assert cache.position == 1 and cache.expected == {0: "graph A"}, "a call that compiled nothing takes no place"
-        cache.begin("graph C")
-        cache.end("graph C", compiled=True)
-        assert cache.enabled and cache.expected == {0: "graph A", 1: "graph C"}
-        cache.position = 0
-        cache.begin("graph C")
-        assert not cache.enabled and "differs from the stored one (graph A)" in cache.note
-    finally:
-        ms.set_context(enable_compile_cache=False)
+    switched = []
+    monkeypatch.setattr(cache, "switch_mindspore_cache", switched.append)
+    cache.begin("graph A")
+    cache.end("graph A", compiled=True)
+    cache.begin("graph B")
+    cache.end("graph B", compiled=False)
+    assert cache.position == 1 and cache.expected == {0: "graph A"}, "a call that compiled nothing takes no place"
+    assert switched == [True, False, True, False], "on only around each compile"
+    cache.begin("graph C")
+    cache.end("graph C", compiled=True)
+    assert cache.enabled and cache.expected == {0: "graph A", 1: "graph C"}
+    cache.position = 0
+    cache.begin("graph C")
+    assert not cache.enabled and "differs from the stored one (graph A)" in cache.note
+    assert switched[-1] is False
