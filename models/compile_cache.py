@@ -124,6 +124,7 @@ class CompileCache:
         self.position = 0
         self.expected: Dict[int, str] = {}
         self.stored = 0  # verified graphs found in the shared folder at activation
+        self.mindspore_cache_used = False
         self.enabled = True
         self.note = "not used yet"
 
@@ -183,10 +184,13 @@ class CompileCache:
         return copied
 
     def switch_mindspore_cache(self, on: bool) -> None:
-        """MindSpore's own compile cache, on (into the working folder) or off; the only place that touches it."""
+        """MindSpore's own compile cache, on (into the working folder) or off; the only place that touches it,
+        and only once this process has switched it on (a process that never uses it keeps MindSpore's
+        context as it found it)."""
         if on:
             ms.set_context(enable_compile_cache=True, compile_cache_path=str(self.working))
-        else:
+            self.mindspore_cache_used = True
+        elif self.mindspore_cache_used:
             ms.set_context(enable_compile_cache=False)
 
     def disable(self, reason: str, warn: bool = False) -> None:

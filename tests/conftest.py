@@ -1,5 +1,6 @@
 """Shared fixtures: MindSpore execution mode and the MindSpore side of parity comparisons."""
 
+import gc
 import os
 
 # No model hub here: tokenizers and models must load from local folders only. Set before
@@ -19,6 +20,17 @@ import pytest
 import mindspore as ms
 
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recycle_compiled_graphs():
+    """Each test file's compiled graphs and their runtime memory are released when the file ends
+    (`ms.ms_memory_recycle`, meant for processes that run many models): a pytest worker runs dozens of
+    files in one process, and two full runs had a worker crash inside a MindSpore compile late in its life
+    (test_cache_peers_table, test_generate_msrun) while each file passed on its own."""
+    yield
+    gc.collect()
+    ms.ms_memory_recycle()
 
 
 @pytest.fixture(autouse=True)
