@@ -21,6 +21,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -147,9 +148,13 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def single_process(checkpoint, tmp_path_factory) -> Path:
-    """The same job in one plain process (this one): rank 0 of 1 makes every image."""
+    """The same job in one plain process (a fresh one, as the msrun workers are: in-process, a pytest
+    worker that had run many other test files once crashed inside MindSpore's compile of the first text
+    encoder here): rank 0 of 1 makes every image."""
     out = tmp_path_factory.mktemp("single") / "images"
-    generate.main(["--ckpt", str(checkpoint), "--out", str(out), *JOB_ARGS])
+    result = subprocess.run([sys.executable, generate.__file__, "--ckpt", str(checkpoint), "--out", str(out),
+                             *JOB_ARGS], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
