@@ -161,12 +161,12 @@ class CLIPTextEmbeddings(nn.Cell):
         return tokens + broadcast(self.position_embedding.weight[: input_ids.shape[1]], tokens)
 
 
-def first_true(marks: Tensor) -> Tensor:
+def first_true(marks: Tensor, countdown: Tensor) -> Tensor:
     """Index of the first True of each row, 0 for a row without one: torch's `argmax` of the 0/1 row
-    (ties go to the first index), written so that it does not depend on how a backend's ArgMax breaks ties."""
+    (ties go to the first index), written so that it does not depend on how a backend's ArgMax breaks ties.
+    `countdown` is (length, ..., 1) for the rows' length."""
     length = marks.shape[-1]
-    countdown = marks.astype(ms.int32) * Tensor(np.arange(length, 0, -1, dtype=np.int32))
-    best = ops.amax(countdown, -1)
+    best = ops.amax(marks.astype(ms.int32) * countdown, -1)
     return ops.where(best > 0, length - best, ops.zeros_like(best))
 
 
@@ -177,16 +177,23 @@ class CLIPTextTransformer(nn.Cell):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.eos_token_id = config.eos_token_id
+        # Host constants for the longest input, sliced to each input's length in the graph: the graph makes
+        # no Tensor from Python while it compiles (a worker of the test suite crashed in such compiles).
+        self.max_length = config.max_position_embeddings
+        self.causal_mask = Tensor(causal_mask(self.max_length))
+        self.countdown = Tensor(np.arange(self.max_length, 0, -1, dtype=np.int32))
 
     def construct(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
         ids = input_ids.astype(ms.int32)
-        hidden = self.encoder(self.embeddings(ids), Tensor(causal_mask(ids.shape[1])))
+        length = ids.shape[1]
+        hidden = self.encoder(self.embeddings(ids), self.causal_mask[:length, :length])
         hidden = self.final_layer_norm(hidden)
         if self.eos_token_id == LEGACY_CLIP_EOS_TOKEN_ID:
             eos = ids == ops.amax(ids, -1, keepdims=True)  # the highest id, as transformers' legacy argmax of ids
         else:
             eos = ids == self.eos_token_id  # first eos: padding may repeat it
-        return hidden, ops.gather(hidden, first_true(eos), 1, batch_dims=1)
+        pooled_at = first_true(eos, self.countdown[self.max_length - length:])
+        return hidden, ops.gather(hidden, pooled_at, 1, batch_dims=1)
 
 
 class CLIPTextModel(nn.Cell):

@@ -89,6 +89,9 @@ def bucket_boundaries(num_buckets: int, max_distance: int) -> Tuple[int, ...]:
     return tuple(int(distances[np.argmax(buckets >= bucket)]) for bucket in range(max_exact + 1, num_buckets))
 
 
+# T5 tokens FLUX pipelines encode at most (pipeline_flux.MAX_SEQUENCE_LENGTH).
+MAX_BUCKET_LENGTH = 512
+
 @lru_cache(maxsize=None)
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
     """(length, length) int32 bucket of each (query, key) pair: transformers' bidirectional
@@ -121,10 +124,17 @@ class T5Attention(nn.Cell):
             self.num_buckets = config.relative_attention_num_buckets
             self.max_distance = config.relative_attention_max_distance
             self.relative_attention_bias = Embedding(self.num_buckets, config.num_heads)
+            # The buckets of the longest prompt FLUX encodes; a shorter one's are its top-left corner (they
+            # depend on key - query only), so the graph slices a constant instead of making a Tensor from
+            # Python while it compiles (a worker of the test suite crashed in such compiles).
+            self.buckets = Tensor(relative_position_buckets(MAX_BUCKET_LENGTH, self.num_buckets, self.max_distance))
 
     def position_bias(self, length: int) -> Tensor:
         """(heads, length, length) bias of every query-key pair."""
-        buckets = Tensor(relative_position_buckets(length, self.num_buckets, self.max_distance))
+        if length <= MAX_BUCKET_LENGTH:
+            buckets = self.buckets[:length, :length]
+        else:
+            buckets = Tensor(relative_position_buckets(length, self.num_buckets, self.max_distance))
         return self.relative_attention_bias(buckets).transpose(2, 0, 1)
 
     def construct(self, x: Tensor, position_bias: Tensor) -> Tensor:
