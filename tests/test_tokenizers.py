@@ -315,7 +315,6 @@ def write_flux_dev_style_t5(folder: Path) -> None:
 def test_t5_flux_dev_style_folder_matches_fast_tokenizer(add_prefix_space, legacy, tmp_path, references):
     """With add_prefix_space set, T5TokenizerFast converts spiece.model; ours reads tokenizer.json and
     takes the converted text handling (models.tokenizers.as_converted_from_spiece)."""
-    pytest.importorskip("sentencepiece")
     write_flux_dev_style_t5(tmp_path / "tokenizer_2")
     config_path = tmp_path / "tokenizer_2" / "tokenizer_config.json"
     config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), add_prefix_space=add_prefix_space,
